@@ -1,0 +1,61 @@
+"""Every architecture in one registry, built by name.
+
+>>> import minis.models
+>>> model = minis.models.build("baseline_fcn", num_classes=5)
+
+``num_classes`` counts the background, as torchvision does: a dataset with K object classes
+has ``num_classes = K + 1`` (semantic class 0 / instance label 0 is the background).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+_REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., torch.nn.Module]], Callable[..., torch.nn.Module]]:
+    """Decorator that makes a model builder available to :func:`build` under ``name``."""
+
+    def wrap(builder: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is registered twice")
+        _REGISTRY[name] = builder
+        return builder
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`build`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build(name: str, num_classes: int, **kwargs) -> torch.nn.Module:
+    """Build the model registered as ``name`` with ``num_classes`` classes (background included).
+
+    Every model carries ``model.task`` (``"semantic"`` or ``"instance"``) and
+    ``model.build_args`` (the arguments needed to build it again from a checkpoint).
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    model.build_args = {"name": name, "num_classes": num_classes, **kwargs}
+    return model
+
+
+def from_torchvision(tv_model: torch.nn.Module) -> torch.nn.Module:
+    """Return the minis model with the same weights and outputs as a torchvision model.
+
+    Ports are added with the architectures they belong to (FCN, DeepLabV3, Faster/Mask R-CNN,
+    FCOS); a model that has no port yet is refused with the list of those that have one.
+    """
+    from minis.models import porting
+
+    return porting.convert(tv_model)
+
+
+# Architectures register themselves on import; importing them here keeps ``build`` complete.
+from minis.models import baseline  # noqa: E402,F401

@@ -1,0 +1,52 @@
+"""A deliberately small fully convolutional network: the baseline the book starts from.
+
+Three strided stages shrink the image by 8, a 1x1 convolution scores every class at every
+remaining position, and bilinear upsampling brings the scores back to the input size. It is
+FCN-32s's idea at toy scale, small enough to train on a laptop CPU in a couple of minutes, and
+the model the engine's tests and the quick-start demo train. The real architectures (FCN,
+U-Net, DeepLab, ...) have their own files.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minis.models import register
+from minis.nn import ImageNormalizer, conv_bn_relu
+
+
+class BaselineFCN(nn.Module):
+    """Semantic segmentation: ``images [B,3,H,W] in 0..1 -> logits [B,C,H,W]``.
+
+    In training mode with ``targets`` (int64 ``[B,H,W]``, 255 = ignore) it returns
+    ``{"loss_ce": cross-entropy}`` instead, the same contract as every minis model.
+    """
+
+    task = "semantic"
+
+    def __init__(self, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.normalize = ImageNormalizer()
+        self.encoder = nn.Sequential(
+            conv_bn_relu(3, width, stride=2),  # 1/2
+            conv_bn_relu(width, width),
+            conv_bn_relu(width, 2 * width, stride=2),  # 1/4
+            conv_bn_relu(2 * width, 2 * width),
+            conv_bn_relu(2 * width, 4 * width, stride=2),  # 1/8
+            conv_bn_relu(4 * width, 4 * width, dilation=2),  # wider context at no cost in size
+        )
+        self.classifier = nn.Conv2d(4 * width, num_classes, kernel_size=1)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
+        features = self.encoder(self.normalize(images))  # [B, 4w, H/8, W/8]
+        logits = F.interpolate(self.classifier(features), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if self.training and targets is not None:
+            return {"loss_ce": F.cross_entropy(logits, targets, ignore_index=255)}
+        return logits
+
+
+@register("baseline_fcn")
+def baseline_fcn(num_classes: int, width: int = 32) -> BaselineFCN:
+    return BaselineFCN(num_classes, width=width)
