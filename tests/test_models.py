@@ -1,0 +1,49 @@
+"""The model registry and the baseline model's contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import minis.models
+
+
+def test_registry_builds_by_name_and_records_build_args() -> None:
+    assert "baseline_fcn" in minis.models.list_models()
+    model = minis.models.build("baseline_fcn", num_classes=4, width=8)
+    assert model.task == "semantic"
+    assert model.build_args == {"name": "baseline_fcn", "num_classes": 4, "width": 8}
+    with pytest.raises(KeyError, match="unknown model 'nope'"):
+        minis.models.build("nope", num_classes=2)
+
+
+def test_from_torchvision_refuses_models_without_a_port() -> None:
+    with pytest.raises(TypeError, match="no minis port for torchvision Linear"):
+        minis.models.from_torchvision(torch.nn.Linear(2, 2))
+
+
+def test_baseline_maps_images_to_logits_at_input_resolution() -> None:
+    model = minis.models.build("baseline_fcn", num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 96, 96)).shape == (2, 5, 96, 96)
+        assert model(torch.rand(1, 3, 70, 53)).shape == (1, 5, 70, 53)  # sizes not divisible by the stride
+
+
+def test_baseline_training_step_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    model = minis.models.build("baseline_fcn", num_classes=3, width=8).train()
+    # blocks of 8x8 pixels, each coloured by its class plus noise: learnable at the model's stride
+    coarse = torch.randint(0, 3, (4, 4, 4))
+    targets = coarse.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
+    palette = torch.tensor([[0.1, 0.1, 0.1], [0.9, 0.2, 0.2], [0.2, 0.2, 0.9]])
+    images = (palette[targets].permute(0, 3, 1, 2) + 0.1 * torch.randn(4, 3, 32, 32)).clamp(0, 1)
+    targets[:, :2] = 255  # ignored rows must not count
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(20):
+        loss = model(images, targets)["loss_ce"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
