@@ -1,0 +1,351 @@
+"""The command line: ``python -m minis`` (or ``minis``) with four commands.
+
+::
+
+    python -m minis data shapes --root data/shapes            # generate the synthetic benchmark
+    python -m minis data coco data/coco --splits val2017        # download COCO 2017
+    python -m minis data labelme2coco IN_DIR OUT_JSON           # convert labelme annotations
+    python -m minis train baseline_fcn --data shapes --data-root data/shapes --epochs 5 --out runs/demo
+    python -m minis eval runs/demo/last.pt                      # metrics on the validation set
+    python -m minis predict runs/demo/last.pt image.png --out runs/demo/predictions
+
+``train`` also runs under ``torchrun --nproc_per_node N -m minis train ...`` (one process per
+GPU, or N CPU processes). Mistakes in a command (unknown model, missing data or checkpoint) are
+reported in one line, without a traceback, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_USAGE = 2  # argparse's own status for a bad command line; used for every user mistake
+
+
+class UserError(Exception):
+    """A mistake in the command (not a bug): printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["width=16", "name='x'"]`` -> ``{"width": 16, "name": "x"}`` (values read as Python literals)."""
+    kwargs = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--model-arg expects KEY=VALUE, got {pair!r}")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text  # a bare word: keep it as a string
+    return kwargs
+
+
+def _build_model(name: str, num_classes: int, kwargs: dict[str, Any]):
+    import minis.models
+
+    if name not in minis.models.list_models():
+        raise UserError(f"unknown model {name!r}; available: {', '.join(minis.models.list_models())}")
+    try:
+        return minis.models.build(name, num_classes=num_classes, **kwargs)
+    except TypeError as error:  # an unexpected --model-arg
+        raise UserError(f"cannot build {name!r} with {kwargs}: {error}") from error
+
+
+def _load_checkpoint(path: str) -> dict:
+    from minis.engine import load_checkpoint
+
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}")
+    return load_checkpoint(path)
+
+
+def _model_from_checkpoint(checkpoint: dict, path: str):
+    build_args = dict(checkpoint.get("build_args") or {})
+    if "name" not in build_args:
+        raise UserError(f"{path} does not say which model it holds (no build_args); was it written by minis?")
+    name, num_classes = build_args.pop("name"), build_args.pop("num_classes")
+    model = _build_model(name, num_classes, build_args)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A two-column text table of (possibly nested) metrics; the list of image ids is left out."""
+    rows: list[tuple[str, str]] = []
+
+    def add(prefix: str, values: dict) -> None:
+        for key, value in values.items():
+            if key == "image_ids":
+                continue
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                add(f"{name}/", value)
+            elif isinstance(value, (list, tuple)) and len(value) > 12:
+                rows.append((name, f"[{len(value)} values]"))
+            elif isinstance(value, (list, tuple)):
+                rows.append((name, "[" + ", ".join(_format_value(v) for v in value) + "]"))
+            else:
+                rows.append((name, _format_value(value)))
+
+    add("", metrics)
+    width = max((len(name) for name, _ in rows), default=0)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from minis.data.shapes import make_shapes
+
+    options = {
+        name: getattr(args, name)
+        for name in ("num_train", "num_val", "image_size", "seed")
+        if getattr(args, name) is not None
+    }
+    try:
+        paths = make_shapes(args.root, overwrite=args.overwrite, **options)
+    except (ValueError, FileExistsError) as error:  # other settings already there, foreign folder
+        raise UserError(str(error)) from error
+    print(f"shapes benchmark ready in {paths['root']}: classes {', '.join(paths['class_names'][1:])}")
+    return 0
+
+
+def cmd_data_coco(args: argparse.Namespace) -> int:
+    from minis.data.download import download_coco
+
+    paths = download_coco(args.root, splits=tuple(args.splits))
+    print(f"COCO {', '.join(args.splits)} ready in {args.root}")
+    if isinstance(paths, dict):
+        for name, path in paths.items():
+            print(f"  {name}: {path}")
+    return 0
+
+
+def cmd_data_labelme(args: argparse.Namespace) -> int:
+    from minis.data.labelme import labelme_to_coco
+
+    if not Path(args.in_dir).is_dir():
+        raise UserError(f"no folder {args.in_dir}")
+    coco = labelme_to_coco(args.in_dir, args.out_json, labels_file=args.labels)
+    print(
+        f"wrote {args.out_json}: {len(coco['images'])} images, {len(coco['annotations'])} annotations, "
+        f"{len(coco['categories'])} categories"
+    )
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from minis.engine import TrainConfig
+
+    options = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "num_workers": args.workers,
+        "seed": args.seed,
+        "amp": not args.no_amp,
+        "clip_grad_norm": args.clip_grad,
+        "eval_every": args.eval_every,
+    }
+    for name in ("lr", "optimizer", "schedule", "warmup_iters", "weight_decay"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    try:
+        return TrainConfig(**options)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from minis.data import catalog
+    from minis.engine import Trainer, distributed
+
+    config = _train_config(args)
+    kwargs = _model_kwargs(args.model_arg)
+    if args.resume and not (Path(args.out) / "last.pt").is_file():
+        raise UserError(f"--resume: no checkpoint at {Path(args.out) / 'last.pt'}")
+    # The classes fix num_classes; the model's task then picks the datasets.
+    names = catalog.class_names(args.data, args.data_root)
+    model = _build_model(args.model, len(names), kwargs)
+    train_set, val_set = catalog.build_datasets(args.data, args.data_root, model.task, crop_size=args.crop_size)
+    trainer = Trainer(model, train_set, val_set, config, out_dir=args.out)
+    history = trainer.fit(resume=args.resume)
+    if trainer.dist.is_main:
+        last = history[-1] if history else {}
+        print(f"trained {args.model} for {len(history)} epochs; checkpoint {Path(args.out) / 'last.pt'}")
+        print(format_metrics({k: v for k, v in last.items() if k != "val"}))
+        if "val" in last:
+            print("validation:")
+            print(format_metrics(last["val"]))
+    distributed.cleanup()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from minis.data import catalog
+    from minis.engine import evaluate, resolve_device
+
+    checkpoint = _load_checkpoint(args.checkpoint)
+    data = checkpoint.get("data")
+    if not data and not args.data_root:
+        raise UserError(f"{args.checkpoint} does not record its dataset; give --data and --data-root")
+    data = dict(data or {})
+    kind = args.data or data.get("kind")
+    root = args.data_root or data.get("root")
+    if kind is None:
+        raise UserError(f"{args.checkpoint} does not record its dataset kind; give --data shapes|coco")
+    model = _model_from_checkpoint(checkpoint, args.checkpoint)
+    device = resolve_device(args.device)
+    dataset = catalog.build_dataset(kind, root, model.task, "val")
+    metrics = evaluate(model.to(device), dataset, device=device, batch_size=args.batch_size)
+    print(f"{checkpoint['build_args']['name']} on {kind} val ({root}): {metrics['num_images']} images")
+    print(format_metrics(metrics))
+    return 0
+
+
+def _draw_prediction(model, image, output, class_names, score_threshold: float):
+    """A figure with the prediction overlaid on ``image`` ([3,H,W] in 0..1)."""
+    import matplotlib.pyplot as plt
+
+    from minis import viz
+
+    figure, ax = plt.subplots(figsize=(5, 5))
+    if model.task == "semantic":
+        viz.draw_semantic(image, output.argmax(0), class_names, ax=ax)
+    else:
+        keep = output["scores"] >= score_threshold
+        viz.draw_instances(
+            image, output["boxes"][keep], output["masks"][keep], output["labels"][keep], output["scores"][keep],
+            class_names, ax=ax, score_threshold=score_threshold,
+        )
+    return figure
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+    import torch
+
+    from minis import viz
+    from minis.data.coco import pil_to_image_tensor, read_rgb_image
+    from minis.engine import predict, resolve_device
+
+    checkpoint = _load_checkpoint(args.checkpoint)
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:
+        raise UserError(f"no image file {', '.join(missing)}")
+    model = _model_from_checkpoint(checkpoint, args.checkpoint)
+    device = resolve_device(args.device)
+    model.to(device)
+    class_names = checkpoint.get("class_names")
+    out_dir = Path(args.out)
+    for path in args.images:
+        image = pil_to_image_tensor(read_rgb_image(path)).as_subclass(torch.Tensor)
+        output = predict(model, image, device=device)
+        figure = _draw_prediction(model, image, output, class_names, args.score_threshold)
+        saved = viz.save_figure(figure, out_dir / f"{Path(path).stem}.png")
+        plt.close(figure)
+        print(f"{path} -> {saved}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minis", description="Image segmentation from FCN to CondInst.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{data,train,eval,predict}")
+
+    data = commands.add_parser("data", help="generate, download or convert datasets")
+    sources = data.add_subparsers(dest="source", required=True, metavar="{shapes,coco,labelme2coco}")
+    shapes = sources.add_parser("shapes", help="generate the synthetic shapes benchmark")
+    shapes.add_argument("--root", default="data/shapes", help="output folder (default: data/shapes)")
+    shapes.add_argument("--num-train", type=int, help="training images (default: make_shapes' default)")
+    shapes.add_argument("--num-val", type=int, help="validation images")
+    shapes.add_argument("--image-size", type=int, help="side of the square images in pixels")
+    shapes.add_argument("--seed", type=int)
+    shapes.add_argument("--overwrite", action="store_true", help="replace a copy generated with other settings")
+    shapes.set_defaults(handler=cmd_data_shapes)
+    coco = sources.add_parser("coco", help="download COCO 2017 (images and instance annotations)")
+    coco.add_argument("root", help="output folder, e.g. data/coco")
+    coco.add_argument("--splits", nargs="+", default=["val2017"], choices=["val2017", "train2017"])
+    coco.set_defaults(handler=cmd_data_coco)
+    labelme = sources.add_parser("labelme2coco", help="convert a folder of labelme JSON files to one COCO file")
+    labelme.add_argument("in_dir")
+    labelme.add_argument("out_json")
+    labelme.add_argument("--labels", help="labelme's labels.txt (class order)")
+    labelme.set_defaults(handler=cmd_data_labelme)
+
+    train = commands.add_parser("train", help="train a model (also under torchrun)")
+    train.add_argument("model", help="a name from minis.models.list_models()")
+    train.add_argument("--data", choices=["shapes", "coco"], default="shapes")
+    train.add_argument("--data-root", default="data/shapes")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    train.add_argument("--out", required=True, help="run folder: last.pt, metrics.jsonl, curves.png")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--optimizer", choices=["sgd", "adamw"])
+    train.add_argument("--schedule", choices=["poly", "cosine", "step", "constant"])
+    train.add_argument("--warmup-iters", type=int)
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
+    train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    train.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (0: never)")
+    train.add_argument("--crop-size", type=int, help="semantic training crop (default: per dataset)")
+    train.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra keyword for the model builder, e.g. width=16 (repeatable)")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its validation set")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", choices=["shapes", "coco"], help="default: the one it was trained on")
+    evaluate.add_argument("--data-root", help="default: the folder it was trained on")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.set_defaults(handler=cmd_eval)
+
+    predict = commands.add_parser("predict", help="draw a checkpoint's predictions on images")
+    predict.add_argument("checkpoint")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--out", required=True, help="folder for the overlay PNGs (one per image)")
+    predict.add_argument("--score-threshold", type=float, default=0.5, help="instance models: detections shown")
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(handler=cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 success, 2 a mistake in the command)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (UserError, FileNotFoundError) as error:
+        print(f"minis: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
