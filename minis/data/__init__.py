@@ -22,6 +22,7 @@ _EXPORTS = {
     "collate_instances": "minis.data.collate",
     "collate_semantic": "minis.data.collate",
     "build_datasets": "minis.data.catalog",
+    "build_dataset": "minis.data.catalog",
 }
 
 __all__ = sorted(_EXPORTS)
