@@ -88,7 +88,8 @@ def _write_ground_truth(path: Path) -> Path:
                 "iscrowd": iscrowd,
             }
         )
-    categories = [{"id": i, "name": n} for i, n in [(1, "circle"), (3, "square"), (7, "triangle"), (9, "star")]]
+    names = {1: "circle", 3: "square", 7: "triangle", 9: "star"}
+    categories = [{"id": i, "name": n} for i, n in names.items()]
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return path
 
@@ -132,10 +133,12 @@ def ground_truth_as_predictions(dataset, image_ids=None) -> dict[int, dict[str, 
         info = coco.imgs[image_id]
         anns = [a for a in coco.imgToAnns[image_id] if not a["iscrowd"]]  # crowds are ignore regions
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        masks = np.stack([coco.annToMask(a) for a in anns]) if anns else np.zeros((0, info["height"], info["width"]))
+        masks = np.zeros((len(anns), info["height"], info["width"]), np.uint8)
+        for i, ann in enumerate(anns):
+            masks[i] = coco.annToMask(ann)
         predictions[image_id] = {
             "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
-            "labels": torch.tensor([dataset.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+            "labels": torch.tensor([dataset.cat_id_to_label[a["category_id"]] for a in anns]).long(),
             "scores": torch.ones(len(anns)),
             "masks": torch.as_tensor(masks, dtype=torch.float32)[:, None],
         }
@@ -213,7 +216,8 @@ def test_images_without_predictions_count_as_misses(dataset):
         assert metrics[iou_type]["AP"] == pytest.approx(85 / 303)
     # The same, with the evaluation of image 2 and 4 left to pycocotools itself.
     results = predictions_to_coco_results(dataset, predictions)
-    np.testing.assert_allclose(as_stats(metrics["bbox"]), cocoeval_by_hand(dataset.coco, results, "bbox", dataset.ids))
+    by_hand = cocoeval_by_hand(dataset.coco, results, "bbox", dataset.ids)
+    np.testing.assert_allclose(as_stats(metrics["bbox"]), by_hand)
 
 
 def _noisy_predictions(dataset, seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
@@ -262,7 +266,8 @@ def test_subset_of_images_is_evaluated_on_its_ids_only(ann_file):
     predictions = _noisy_predictions(subset)
     results = predictions_to_coco_results(subset, predictions)
     metrics = coco_evaluate(subset, predictions, iou_types=("bbox",))
-    np.testing.assert_allclose(as_stats(metrics["bbox"]), cocoeval_by_hand(subset.coco, results, "bbox", [2, 3]))
+    by_hand = cocoeval_by_hand(subset.coco, results, "bbox", [2, 3])
+    np.testing.assert_allclose(as_stats(metrics["bbox"]), by_hand)
 
 
 def test_silent_unless_verbose(dataset, capsys):
@@ -290,7 +295,8 @@ def test_results_have_coco_category_ids_xywh_boxes_and_rle_masks(dataset):
     results = predictions_to_coco_results(dataset, {torch.tensor(1): prediction}, mask_threshold=0.7)
     assert [r["image_id"] for r in results] == [1, 1, 1]
     assert [r["category_id"] for r in results] == [1, 7, 9]  # labels 1, 3, 4 -> ids with gaps
-    np.testing.assert_allclose([r["bbox"] for r in results], [[1, 2, 10, 20], [0, 0, 160, 120], [5.5, 6.5, 2, 2.5]])
+    xywh = [[1, 2, 10, 20], [0, 0, 160, 120], [5.5, 6.5, 2, 2.5]]
+    np.testing.assert_allclose([r["bbox"] for r in results], xywh)
     np.testing.assert_allclose([r["score"] for r in results], [0.9, 0.5, 0.25], rtol=1e-6)
     decoded = mask_utils.decode([r["segmentation"] for r in results])  # [H, W, N]
     np.testing.assert_array_equal(decoded, (probabilities[:, 0] > 0.7).numpy().transpose(1, 2, 0))
@@ -311,7 +317,11 @@ def test_prediction_on_resized_image_is_rescaled(dataset):
     # Image 1 is 120 x 160; the model saw it at 60 x 80.
     small = torch.zeros(1, 1, 60, 80)
     small[0, 0, 2:6, 10:20] = 1.0
-    prediction = {"boxes": torch.tensor([[10.0, 2.0, 20.0, 6.0]]), "labels": torch.tensor([2]), "scores": torch.tensor([0.8])}
+    prediction = {
+        "boxes": torch.tensor([[10.0, 2.0, 20.0, 6.0]]),
+        "labels": torch.tensor([2]),
+        "scores": torch.tensor([0.8]),
+    }
     (result,) = predictions_to_coco_results(dataset, {1: {**prediction, "masks": small}})
     assert result["bbox"] == [20.0, 4.0, 20.0, 8.0]
     # Bilinear upsampling by 2 (align_corners=False) of a 0/1 block, thresholded at 0.5, is the
@@ -343,7 +353,7 @@ def test_resized_ground_truth_still_scores_perfect_boxes(dataset):
 
 
 def test_bad_predictions_raise_naming_the_image(dataset):
-    one = {"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([1]), "scores": torch.tensor([1.0])}
+    one = {"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([1]), "scores": torch.ones(1)}
     with pytest.raises(ValueError, match="image id 99"):
         predictions_to_coco_results(dataset, {99: one})
     for label in (0, 5, -1):  # K = 4 classes: labels 1..4
@@ -353,6 +363,10 @@ def test_bad_predictions_raise_naming_the_image(dataset):
         predictions_to_coco_results(dataset, {2: {**one, "scores": torch.tensor([1.0, 0.5])}})
     with pytest.raises(ValueError, match="image id 2.*masks"):
         predictions_to_coco_results(dataset, {2: {**one, "masks": torch.zeros(2, 1, 100, 130)}})
+    with pytest.raises(ValueError, match="image id 2.*masks"):
+        predictions_to_coco_results(dataset, {2: {**one, "masks": torch.zeros(1, 3, 100, 130)}})
+    with pytest.raises(ValueError, match="image id 2: boxes must be"):
+        predictions_to_coco_results(dataset, {2: {**one, "boxes": torch.zeros(1, 5)}})
     with pytest.raises(ValueError, match="'segm'.*image ids \\[3\\]"):
         coco_evaluate(dataset, {3: one}, iou_types=("bbox", "segm"))
     with pytest.raises(ValueError, match="unknown iou_types"):
@@ -364,13 +378,38 @@ def test_bad_predictions_raise_naming_the_image(dataset):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.realdata
-def test_coco_tiny_val_ground_truth_scores_one():
+def _coco_tiny_val() -> Path:
     ann_file = SHARED_DATA / "coco-tiny" / "annotations" / "instances_val2017.json"
     if not ann_file.exists():
         pytest.skip(f"real data not found at {ann_file}")
-    dataset = StandInDataset(ann_file)
+    return ann_file
+
+
+@pytest.mark.realdata
+def test_coco_tiny_val_ground_truth_scores_one():
+    # Real COCO: 80 categories with id gaps, crowd regions as uncompressed RLE, images without
+    # annotations, multi-part polygons, objects under 10 px^2.
+    dataset = StandInDataset(_coco_tiny_val())
     metrics = coco_evaluate(dataset, ground_truth_as_predictions(dataset))
     for iou_type in ("bbox", "segm"):
-        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
             assert metrics[iou_type][name] == pytest.approx(1.0), (iou_type, name, metrics[iou_type])
+
+
+@pytest.mark.realdata
+def test_coco_tiny_val_through_coco_instances_scores_one():
+    ann_file = _coco_tiny_val()
+    coco_module = pytest.importorskip("minis.data.coco")
+    dataset = coco_module.CocoInstances(ann_file.parents[1] / "val2017", ann_file)
+    predictions = {}
+    for image, target in dataset:  # the dataset's own targets, as a perfect model would output
+        keep = target["iscrowd"] == 0
+        predictions[target["image_id"]] = {
+            "boxes": target["boxes"][keep],
+            "labels": target["labels"][keep],
+            "scores": torch.ones(int(keep.sum())),
+            "masks": target["masks"][keep][:, None].float(),
+        }
+    metrics = coco_evaluate(dataset, predictions)
+    for iou_type in ("bbox", "segm"):
+        assert metrics[iou_type]["AP"] == pytest.approx(1.0), (iou_type, metrics[iou_type])

@@ -100,7 +100,8 @@ def test_batch_and_per_image_accumulation_agree():
     # semantic_evaluate: one [B,H,W] tensor, a list of [H,W] tensors, numpy arrays, mixed sizes.
     batch = semantic_evaluate(pred, target, 5)
     assert semantic_evaluate(list(pred), list(target), 5) == batch
-    assert semantic_evaluate([p.numpy().astype(np.uint8) for p in pred], [t.numpy() for t in target], 5) == batch
+    as_numpy = [p.numpy().astype(np.uint8) for p in pred], [t.numpy() for t in target]
+    assert semantic_evaluate(*as_numpy, 5) == batch
     other_size = _random_maps(1, (9, 31), num_classes=5)
     mixed = semantic_evaluate([pred, other_size[0]], [target, other_size[1]], 5)["confusion_matrix"]
     alone = semantic_evaluate(other_size[0], other_size[1], 5)["confusion_matrix"]

@@ -100,7 +100,8 @@ def _encode_masks(masks: torch.Tensor, image_hw: tuple[int, int], threshold: flo
     if masks.dtype == torch.bool:
         masks = masks.to(torch.uint8)
     if tuple(masks.shape[-2:]) != tuple(image_hw):
-        masks = F.interpolate(masks[:, None].float(), size=image_hw, mode="bilinear", align_corners=False)[:, 0]
+        masks = masks[:, None].float()
+        masks = F.interpolate(masks, size=image_hw, mode="bilinear", align_corners=False)[:, 0]
     binary = (masks > threshold).to("cpu", torch.uint8).numpy()
     # pycocotools wants one Fortran-ordered uint8 array [H, W, N] and encodes all N at once.
     rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
@@ -120,9 +121,15 @@ def _image_results(
     for field in ("boxes", "labels", "scores"):
         if field not in prediction:
             raise ValueError(f"image id {image_id}: prediction has no {field!r} (keys: {sorted(prediction)})")
-    boxes = _as_tensor(prediction["boxes"]).to("cpu", torch.float64).reshape(-1, 4)
+    boxes = _as_tensor(prediction["boxes"]).to("cpu", torch.float64)
     scores = _as_tensor(prediction["scores"]).to("cpu", torch.float64).reshape(-1)
     labels = _as_tensor(prediction["labels"]).reshape(-1)
+    if boxes.numel() == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(
+            f"image id {image_id}: boxes must be [N, 4] (x1, y1, x2, y2), got shape {tuple(boxes.shape)}"
+        )
     n = len(boxes)
     if len(scores) != n or len(labels) != n:
         raise ValueError(
@@ -145,7 +152,7 @@ def _image_results(
     ]
     if "masks" in prediction:
         masks = _as_tensor(prediction["masks"])
-        if masks.dim() == 4:  # [N, 1, H, W] like torchvision -> [N, H, W]
+        if masks.dim() == 4 and masks.shape[1] == 1:  # [N, 1, H, W] like torchvision -> [N, H, W]
             masks = masks[:, 0]
         if masks.dim() != 3 or len(masks) != n:
             raise ValueError(
@@ -224,7 +231,9 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
     return empty
 
 
-def _run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]) -> dict[str, float]:
+def _run_cocoeval(
+    coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]
+) -> dict[str, float]:
     """Evaluate, accumulate and summarise one IoU type; returns the 12 named stats."""
     coco_dt = _load_results(coco_gt, results)
     evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)

@@ -27,7 +27,10 @@ import torch
 
 def _as_label_map(value: Any, what: str) -> torch.Tensor:
     """An integer tensor from a tensor or numpy array of class indices (any shape)."""
-    tensor = value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    if isinstance(value, torch.Tensor):
+        tensor = value.as_subclass(torch.Tensor)  # drop tv_tensors.Mask and friends
+    else:
+        tensor = torch.as_tensor(np.asarray(value))
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(
             f"{what} must hold integer class indices, got dtype {tensor.dtype}"
@@ -65,7 +68,9 @@ class ConfusionMatrix:
     [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
     """
 
-    def __init__(self, num_classes: int, ignore_index: int | None = 255, device: torch.device | str | None = None):
+    def __init__(
+        self, num_classes: int, ignore_index: int | None = 255, device: torch.device | str | None = None
+    ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = num_classes
@@ -98,7 +103,8 @@ class ConfusionMatrix:
         if self.ignore_index is not None:
             scored = target != self.ignore_index
             target, pred = target[scored], pred[scored]
-        _check_range(target, c, "target holds class {}, outside 0..{} and not ignore_index=" + str(self.ignore_index))
+        not_ignored = f" and not ignore_index={self.ignore_index}" if self.ignore_index is not None else ""
+        _check_range(target, c, "target holds class {}, outside 0..{}" + not_ignored)
         # Each (ground truth g, prediction p) pair gets its own bin g * C + p: one bincount
         # counts every pixel at once, and the flat histogram reshapes into the C x C matrix.
         counts = torch.bincount(target * c + pred, minlength=c * c)
