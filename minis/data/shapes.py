@@ -237,7 +237,9 @@ def _background(rng: np.random.Generator, image_size: int, object_colours: Seque
     return (1 - mix)[..., None] * colour_a + mix[..., None] * colour_b
 
 
-def _paint_objects(canvas: np.ndarray, instance_map: np.ndarray, objects: Sequence[ShapeObject], rng) -> None:
+def _paint_objects(
+    canvas: np.ndarray, instance_map: np.ndarray, objects: Sequence[ShapeObject], rng: np.random.Generator
+) -> None:
     """Fill the visible pixels of each object (in place) with its colour, shading and stripes."""
     x, y = _coordinate_grid(canvas.shape[0])
     for index, obj in enumerate(objects, start=1):
@@ -430,9 +432,10 @@ def make_shapes(
         values.
     """
     root = Path(root)
-    for name, value in [("num_train", num_train), ("num_val", num_val), ("max_objects", max_objects)]:
-        if value < (0 if name != "max_objects" else 1):
-            raise ValueError(f"make_shapes: {name} must be positive, got {value}")
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"make_shapes: image counts must be >= 0, got num_train={num_train}, num_val={num_val}")
+    if max_objects < 1 or min_area < 1:
+        raise ValueError(f"make_shapes: max_objects and min_area must be >= 1, got {max_objects}, {min_area}")
     if image_size < 32:
         raise ValueError(f"make_shapes: image_size must be at least 32 pixels, got {image_size}")
     if not 0 <= empty_fraction <= 1:
