@@ -18,7 +18,7 @@ import os
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ def read_rgb_image(path: str | os.PathLike) -> Image.Image:
         return image.convert("RGB")
 
 
-def oriented_size(path: str | os.PathLike) -> tuple[int, int]:
+def oriented_size(path: str | os.PathLike | IO[bytes]) -> tuple[int, int]:
     """``(width, height)`` of an image as :func:`read_rgb_image` returns it, reading only the header."""
     with Image.open(path) as image:
         width, height = image.size
@@ -77,16 +77,19 @@ def pil_to_image_tensor(image: Image.Image) -> tv_tensors.Image:
 # --------------------------------------------------------------------------------------------
 
 
-def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
-    """Read a COCO json file, turning a syntax error into a ValueError that names the file."""
-    ann_file = Path(ann_file)
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a json file, turning a syntax error into a ValueError that names the file, line and column."""
     try:
-        with open(ann_file, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
     except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{ann_file}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
-        ) from error
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from error
+
+
+def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
+    """Read a COCO json file and check that it has the top-level lists a COCO file must have."""
+    ann_file = Path(ann_file)
+    data = read_json(ann_file)
     if not isinstance(data, dict):
         raise ValueError(f"{ann_file}: a COCO file holds a JSON object, found {type(data).__name__}")
     for key in ("images", "categories"):
