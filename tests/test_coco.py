@@ -303,7 +303,8 @@ def test_missing_image_file_names_file_and_image_id(tmp_path):
 
 def test_unknown_category_is_an_error_at_construction(tmp_path):
     anns = [annotation(1), annotation(987654321012, category_id=42)]
-    with pytest.raises(ValueError, match=r"instances\.json: annotation id 987654321012 \(image id 1\): .*category_id.* 42"):
+    expected = r"instances\.json: annotation id 987654321012 \(image id 1\): .*category_id.* 42"
+    with pytest.raises(ValueError, match=expected):
         CocoInstances(*write_dataset(tmp_path, {"a.png": gray()}, anns))
 
 

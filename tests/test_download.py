@@ -101,7 +101,10 @@ def test_full_download_checks_unpacks_and_then_skips(server, tmp_path):
     assert paths == {"val2017": {"image_dir": tmp_path / "val2017",
                                  "ann_file": tmp_path / "annotations" / "instances_val2017.json"}}
     assert_unpacked(tmp_path)
-    assert ArchiveServer.requests == [("/zips/val2017.zip", None), ("/annotations/annotations_trainval2017.zip", None)]
+    assert ArchiveServer.requests == [
+        ("/zips/val2017.zip", None),
+        ("/annotations/annotations_trainval2017.zip", None),
+    ]
     assert (tmp_path / "val2017.zip.unpacked").exists() and not (tmp_path / "val2017.zip").exists()
     assert not list(tmp_path.glob("*.part"))
 
@@ -122,7 +125,8 @@ def test_partial_download_is_resumed_with_a_range_request(server, tmp_path):
 def test_dropped_connection_keeps_the_part_file_and_the_next_call_resumes(server, tmp_path):
     cut = len(VAL_ZIP) // 3
     ArchiveServer.cut_next_response_at = cut
-    with pytest.raises(RuntimeError, match=rf"connection lost after {cut} of {len(VAL_ZIP)} bytes.*run again to resume"):
+    expected = rf"connection lost after {cut} of {len(VAL_ZIP)} bytes.*run again to resume"
+    with pytest.raises(RuntimeError, match=expected):
         download_coco(tmp_path, base_url=server, progress=False, checksums=CHECKSUMS)
     assert (tmp_path / "val2017.zip.part").read_bytes() == VAL_ZIP[:cut]
     assert not (tmp_path / "val2017").exists()
@@ -152,7 +156,8 @@ def test_corrupted_archive_is_refused_and_not_unpacked(server, tmp_path, kind):
     ArchiveServer.files["/zips/val2017.zip"] = served
 
     expected_message = "MD5 is" if kind == "wrong md5" else "not a readable zip"
-    with pytest.raises(ValueError, match=rf"val2017\.zip: corrupted download, {expected_message}.*Nothing was unpacked"):
+    expected = rf"val2017\.zip: corrupted download, {expected_message}.*Nothing was unpacked"
+    with pytest.raises(ValueError, match=expected):
         download_coco(tmp_path, base_url=server, progress=False, checksums=checksums)
     assert not (tmp_path / "val2017").exists()
     assert not (tmp_path / "val2017.zip.unpacked").exists()

@@ -80,7 +80,8 @@ def test_agrees_with_labelmes_own_converter(instance_segmentation):
     assert sorted(by_name) == sorted(info["file_name"] for info in ours.imgs.values())
     for image_id, info in ours.imgs.items():
         ref_id = by_name[info["file_name"]]
-        assert (info["height"], info["width"]) == (reference.imgs[ref_id]["height"], reference.imgs[ref_id]["width"])
+        ref_info = reference.imgs[ref_id]
+        assert (info["height"], info["width"]) == (ref_info["height"], ref_info["width"])
         ours_anns = [a for a in ours.loadAnns(ours.getAnnIds(imgIds=image_id)) if not a["iscrowd"]]
         ref_anns = reference.loadAnns(reference.getAnnIds(imgIds=ref_id))
         assert len(ours_anns) == len(ref_anns)  # instances per image, group_id merging included
@@ -133,7 +134,8 @@ def test_ignore_shapes_become_crowd_regions_of_every_category(instance_segmentat
     assert n_regions == 2
 
     # In CocoInstances they are crowd targets, and in the dataset's items too.
-    _, target = dataset[dataset.ids.index(next(i for i, x in coco.imgs.items() if x["file_name"] == "2011_000003.jpg"))]
+    (image_id,) = [i for i, info in coco.imgs.items() if info["file_name"] == "2011_000003.jpg"]
+    _, target = dataset[dataset.ids.index(image_id)]
     assert target["iscrowd"].tolist() == [0, 0, 0] + [1] * len(coco.cats)
 
 
@@ -249,7 +251,8 @@ def test_synthetic_folder_sorted_ids_categories_and_file_names(tmp_path):
     assert [(i["id"], i["file_name"]) for i in coco["images"]] == [(1, "a.png"), (2, "b.png"), (3, "c.png")]
     assert coco["categories"] == [{"id": 1, "name": "ant", "supercategory": "none"},
                                   {"id": 2, "name": "zebra", "supercategory": "none"}]
-    assert [(a["id"], a["image_id"], a["category_id"]) for a in coco["annotations"]] == [(1, 1, 1), (2, 2, 2), (3, 2, 1)]
+    ids = [(a["id"], a["image_id"], a["category_id"]) for a in coco["annotations"]]
+    assert ids == [(1, 1, 1), (2, 2, 2), (3, 2, 1)]
     assert coco["annotations"][0]["bbox"] == [2.0, 2.0, 8.0, 8.0] and coco["annotations"][0]["area"] == 64.0
     dataset = CocoInstances(tmp_path / "out" / "images", tmp_path / "out" / "coco.json")
     assert dataset[2][1]["masks"].shape == (0, 30, 40)
@@ -295,7 +298,8 @@ def test_polygon_with_two_points_names_file_and_shape_index(tmp_path):
 
 def test_missing_image_names_the_labelme_file(tmp_path):
     write_labelme(tmp_path, "img", [polygon("a", SQUARE)], image=False)
-    with pytest.raises(FileNotFoundError, match=r"img\.json: image file .*img\.png \(field 'imagePath'\) does not exist"):
+    expected = r"img\.json: image file .*img\.png \(field 'imagePath'\) does not exist"
+    with pytest.raises(FileNotFoundError, match=expected):
         labelme_to_coco(tmp_path, tmp_path / "out" / "coco.json")
 
 

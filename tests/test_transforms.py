@@ -152,7 +152,8 @@ def test_pad_to_pads_instance_masks_with_zero_and_keeps_boxes():
     image, target = rectangles_sample()
     out_image, out = PadTo((32, 45))(image, target)
     assert out_image.shape == (3, 32, 45)
-    assert out["masks"].shape == (3, 32, 45) and out["masks"][:, 30:].sum() == 0 and out["masks"][:, :, 40:].sum() == 0
+    assert out["masks"].shape == (3, 32, 45)
+    assert out["masks"][:, 30:].sum() == 0 and out["masks"][:, :, 40:].sum() == 0
     assert torch.equal(out["boxes"], target["boxes"]) and tuple(out["boxes"].canvas_size) == (32, 45)
 
 

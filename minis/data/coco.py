@@ -83,7 +83,9 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from error
+        raise ValueError(
+            f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+        ) from error
 
 
 def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
@@ -321,7 +323,8 @@ class CocoInstances(Dataset):
         boxes[:, 1::2].clamp_(0, height)
 
         rles = [self.annotation_rle(ann) for ann in anns]
-        area = [float(ann["area"]) if "area" in ann else float(mask_utils.area(rle)) for ann, rle in zip(anns, rles)]
+        # COCO's stored area (what the evaluator's size ranges use); the mask's pixel count if absent.
+        area = [float(a["area"]) if "area" in a else float(mask_utils.area(rle)) for a, rle in zip(anns, rles)]
         return {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
             "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),

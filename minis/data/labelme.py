@@ -248,7 +248,8 @@ def file_annotations(
                 annotations.append({"category_id": category_id, "segmentation": rle_json, **common, "iscrowd": 1})
         else:
             segmentation = rle_json if bitmaps else polygons
-            annotations.append({"category_id": category_ids[label], "segmentation": segmentation, **common, "iscrowd": 0})
+            category_id = category_ids[label]
+            annotations.append({"category_id": category_id, "segmentation": segmentation, **common, "iscrowd": 0})
     return annotations
 
 
