@@ -308,6 +308,14 @@ def test_unknown_category_is_an_error_at_construction(tmp_path):
         CocoInstances(*write_dataset(tmp_path, {"a.png": gray()}, anns))
 
 
+@pytest.mark.parametrize("field", ["image_id", "category_id", "bbox", "segmentation"])
+def test_missing_annotation_field_is_an_error_naming_it(tmp_path, field):
+    ann = annotation(9)
+    del ann[field]
+    with pytest.raises(ValueError, match=rf"instances\.json: annotation id 9 .*field '{field}' is missing"):
+        CocoInstances(*write_dataset(tmp_path, {"a.png": gray()}, [ann]))
+
+
 def test_rle_of_the_wrong_size_is_an_error(tmp_path):
     rle = {"size": [5, 5], "counts": [25]}
     with pytest.raises(ValueError, match=r"annotation id 4 \(image id 1\): field 'segmentation\.size'"):

@@ -125,6 +125,48 @@ def _check_images(data: dict[str, Any], ann_file: Path) -> None:
         seen.add(info["id"])
 
 
+def _check_annotations(data: dict[str, Any], ann_file: Path) -> None:
+    """Raise a ValueError naming file, annotation id, image id and field on a broken annotation.
+
+    Broken: a required field missing, an ``image_id`` or ``category_id`` that names nothing, a
+    ``bbox`` that is not 4 numbers, a ``segmentation`` that is neither polygons nor an RLE of the
+    image's size.
+    """
+    for index, category in enumerate(data["categories"]):
+        if "id" not in category or "name" not in category:
+            raise ValueError(f"{ann_file}: categories[{index}] needs both 'id' and 'name', got {category!r}")
+    images = {info["id"]: info for info in data["images"]}
+    category_ids = {category["id"] for category in data["categories"]}
+    for ann in data["annotations"]:
+        where = f"{ann_file}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
+        for field in ("id", "image_id", "category_id", "bbox", "segmentation"):
+            if field not in ann:
+                raise ValueError(f"{where}: field {field!r} is missing")
+        if ann["image_id"] not in images:
+            raise ValueError(f"{where}: field 'image_id' names an image that is not in 'images'")
+        if ann["category_id"] not in category_ids:
+            raise ValueError(
+                f"{where}: field 'category_id' = {ann['category_id']} is not in 'categories' "
+                f"(known ids: {sorted(category_ids)})"
+            )
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4):
+            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox!r}")
+
+        segmentation = ann["segmentation"]
+        info = images[ann["image_id"]]
+        if isinstance(segmentation, dict):
+            if "counts" not in segmentation or "size" not in segmentation:
+                raise ValueError(f"{where}: field 'segmentation' is an RLE without 'counts' and 'size'")
+            if list(segmentation["size"]) != [info["height"], info["width"]]:
+                raise ValueError(
+                    f"{where}: field 'segmentation.size' = {segmentation['size']} is not the image's "
+                    f"[height, width] = {[info['height'], info['width']]}"
+                )
+        elif not isinstance(segmentation, list):
+            raise ValueError(f"{where}: field 'segmentation' must be polygons (a list) or an RLE (a dict)")
+
+
 def _polygon_parts_are_valid(parts: list) -> list[bool]:
     """For each polygon part: does it have an even number (>= 6) of coordinates, i.e. >= 3 points?"""
     return [isinstance(part, list) and len(part) >= 6 and len(part) % 2 == 0 for part in parts]
@@ -205,6 +247,7 @@ class CocoInstances(Dataset):
 
         data = load_coco_json(self.ann_file)
         _check_images(data, self.ann_file)
+        _check_annotations(data, self.ann_file)  # before pycocotools indexes them (it would KeyError)
         self.coco = _coco_from_dict(data)
 
         self.cat_ids: list[int] = sorted(self.coco.cats)
@@ -222,12 +265,11 @@ class CocoInstances(Dataset):
     def _usable_annotations(self, annotations: list[dict]) -> dict[int, list[dict]]:
         """Image id -> its annotations that can be turned into a mask and a box.
 
-        Raises on annotations that point nowhere; warns about and skips degenerate ones.
-        Returned annotations are shallow copies whose polygon list holds only valid parts.
+        Warns about and skips degenerate annotations (broken ones were refused by
+        :func:`_check_annotations` already). Returned annotations are shallow copies whose polygon list holds only valid parts.
         """
         usable: dict[int, list[dict]] = defaultdict(list)
         for ann in annotations:
-            ann = self._checked_fields(ann)
             info = self.coco.imgs[ann["image_id"]]
             where = f"{self.ann_file}: annotation id {ann['id']} (image id {ann['image_id']})"
 
@@ -252,37 +294,6 @@ class CocoInstances(Dataset):
                     ann = {**ann, "segmentation": kept}
             usable[ann["image_id"]].append(ann)
         return usable
-
-    def _checked_fields(self, ann: dict) -> dict:
-        """Raise a ValueError naming file, annotation id, image id and field on a broken annotation."""
-        where = f"{self.ann_file}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
-        for field in ("id", "image_id", "category_id", "bbox", "segmentation"):
-            if field not in ann:
-                raise ValueError(f"{where}: field {field!r} is missing")
-        if ann["image_id"] not in self.coco.imgs:
-            raise ValueError(f"{where}: field 'image_id' names an image that is not in 'images'")
-        if ann["category_id"] not in self.coco.cats:
-            raise ValueError(
-                f"{where}: field 'category_id' = {ann['category_id']} is not in 'categories' "
-                f"(known ids: {sorted(self.coco.cats)})"
-            )
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox!r}")
-
-        segmentation = ann["segmentation"]
-        info = self.coco.imgs[ann["image_id"]]
-        if isinstance(segmentation, dict):
-            if "counts" not in segmentation or "size" not in segmentation:
-                raise ValueError(f"{where}: field 'segmentation' is an RLE without 'counts' and 'size'")
-            if list(segmentation["size"]) != [info["height"], info["width"]]:
-                raise ValueError(
-                    f"{where}: field 'segmentation.size' = {segmentation['size']} is not the image's "
-                    f"[height, width] = {[info['height'], info['width']]}"
-                )
-        elif not isinstance(segmentation, list):
-            raise ValueError(f"{where}: field 'segmentation' must be polygons (a list) or an RLE (a dict)")
-        return ann
 
     # ---- reading items ----------------------------------------------------------------------
 
