@@ -278,6 +278,8 @@ class Trainer:
         self._window_count = 0
         self._metrics_lines = 0  # lines in metrics.jsonl, stored so a resume can drop later ones
         self._rng_after_step: dict | None = None
+        self._buffers_after_step: dict[str, torch.Tensor] = {}
+        self._saved_buffer_names = set(self.model.state_dict()) - {name for name, _ in self.model.named_parameters()}
         self.last_lr = self._lr()
 
     @staticmethod
@@ -289,7 +291,7 @@ class Trainer:
         self._build_optimization()
         self._reset_progress()
         seed_everything(self.config.seed + self.dist.rank)
-        self._rng_after_step = capture_rng_state()
+        self._snapshot_after_step()
         if self._writes_files():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "metrics.jsonl").write_text("", encoding="utf-8")
@@ -319,7 +321,7 @@ class Trainer:
         else:  # saved on interrupt by rank 0 alone: other ranks cannot get their exact state back
             warnings.warn(f"rank {self.dist.rank}: no saved random state, reseeding (resume is not bit-exact)")
             seed_everything(distributed.derive_seed(self.config.seed, self.dist.rank, self.iteration))
-        self._rng_after_step = capture_rng_state()
+        self._snapshot_after_step()
         self.last_lr = self._lr()
         if self._writes_files():
             self._truncate_metrics(self._metrics_lines)
@@ -334,11 +336,16 @@ class Trainer:
         return self.out_dir is not None and self.dist.is_main
 
     def _checkpoint_state(self, rng_states: list[dict]) -> dict[str, Any]:
-        """Everything to resume training and to rebuild model and data (``minis eval``)."""
+        """Everything to resume training and to rebuild model and data (``minis eval``).
+
+        Buffers come from the snapshot after the last completed step (see :meth:`_snapshot_after_step`).
+        """
         import minis
 
+        model_state = self.model.state_dict()
+        model_state.update(self._buffers_after_step)
         return {
-            "model": self.model.state_dict(),
+            "model": model_state,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -360,7 +367,7 @@ class Trainer:
 
     def _save_after_epoch(self) -> None:
         """Every rank hands in its random state; rank 0 writes ``last.pt``."""
-        self._rng_after_step = capture_rng_state()
+        self._snapshot_after_step()
         rng_states = distributed.all_gather_objects(self._rng_after_step)
         if self._writes_files():
             save_checkpoint(self._checkpoint_state(rng_states), self.checkpoint_path)
@@ -459,8 +466,23 @@ class Trainer:
             self.batch_in_epoch += 1
             self.iteration += 1
             self._record_step(values, time.perf_counter() - started)
-            self._rng_after_step = capture_rng_state()
+            self._snapshot_after_step()
         return values
+
+    def _snapshot_after_step(self) -> None:
+        """Remember what the next forward pass changes before the next step completes.
+
+        An interrupt may land in the middle of the next iteration, after its forward pass has
+        already drawn random numbers and updated the batch-norm running statistics. The
+        checkpoint saved on interrupt takes the random state and the buffers from here, the end
+        of the last completed step (parameters and optimizer only change inside the step).
+        """
+        self._rng_after_step = capture_rng_state()
+        self._buffers_after_step = {
+            name: buffer.detach().clone()
+            for name, buffer in self.model.named_buffers()
+            if name in self._saved_buffer_names
+        }
 
     def _loss_values(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """Total and every term as Python floats, averaged over ranks.
