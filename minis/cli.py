@@ -240,17 +240,17 @@ def _draw_prediction(model, image, output, class_names, score_threshold: float):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    checkpoint = _load_checkpoint(args.checkpoint)
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:
+        raise UserError(f"no image file {', '.join(missing)}")
+
     import matplotlib.pyplot as plt
     import torch
 
     from minis import viz
     from minis.data.coco import pil_to_image_tensor, read_rgb_image
     from minis.engine import predict, resolve_device
-
-    checkpoint = _load_checkpoint(args.checkpoint)
-    missing = [path for path in args.images if not Path(path).is_file()]
-    if missing:
-        raise UserError(f"no image file {', '.join(missing)}")
     model = _model_from_checkpoint(checkpoint, args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)

@@ -70,6 +70,7 @@ def _compact_detections(output: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def _evaluate_semantic(model, loader, device, num_classes, bar) -> tuple[dict, list]:
+    """Metrics over all ranks (confusion matrices summed) and the image ids of this rank's shard."""
     from minis.eval.semantic import ConfusionMatrix
 
     confusion = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=device)
@@ -85,6 +86,7 @@ def _evaluate_semantic(model, loader, device, num_classes, bar) -> tuple[dict, l
 
 
 def _evaluate_instances(model, loader, device, dataset, bar) -> tuple[dict, list]:
+    """COCO metrics over all ranks (detections gathered) and the image ids of this rank's shard."""
     from minis.eval.coco import coco_evaluate
 
     predictions: dict[int, dict] = {}
@@ -94,12 +96,11 @@ def _evaluate_instances(model, loader, device, dataset, bar) -> tuple[dict, list
             predictions[int(target["image_id"])] = _compact_detections(output)
         bar.update(len(images))
     shards = distributed.all_gather_objects(predictions)
-    image_ids = [image_id for shard in shards for image_id in shard]
     metrics = None
     if not distributed.is_initialized() or torch.distributed.get_rank() == 0:
         merged = {image_id: prediction for shard in shards for image_id, prediction in shard.items()}
         metrics = coco_evaluate(dataset, merged)  # pycocotools runs once, on rank 0
-    return distributed.broadcast_object(metrics), image_ids
+    return distributed.broadcast_object(metrics), list(predictions)  # this rank's image ids
 
 
 @torch.no_grad()
