@@ -131,11 +131,13 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 def cmd_data_coco(args: argparse.Namespace) -> int:
     from minis.data.download import download_coco
 
-    paths = download_coco(args.root, splits=tuple(args.splits))
+    try:
+        paths = download_coco(args.root, splits=tuple(args.splits))
+    except (OSError, ValueError) as error:  # no network, a corrupted archive (kept aside, retry)
+        raise UserError(f"downloading COCO failed: {error}") from error
     print(f"COCO {', '.join(args.splits)} ready in {args.root}")
-    if isinstance(paths, dict):
-        for name, path in paths.items():
-            print(f"  {name}: {path}")
+    for split, files in paths.items():
+        print(f"  {split}: images {files['image_dir']}, annotations {files['ann_file']}")
     return 0
 
 

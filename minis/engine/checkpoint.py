@@ -53,12 +53,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def capture_rng_state() -> dict[str, Any]:
+def capture_rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
     """The state of every random number generator a training step may draw from.
 
     Python's ``random`` and numpy's global generator (used by some data augmentations), torch's
-    CPU generator (dropout, torchvision transforms) and, when CUDA is in use, every GPU's
-    generator. numpy's key array becomes an int64 tensor so the safe loader accepts it.
+    CPU generator (dropout on the CPU, torchvision transforms) and, when ``device`` is a GPU, that
+    GPU's generator (only this process's GPU: touching the others would create a CUDA context
+    on each of them). numpy's key array becomes an int64 tensor so the safe loader accepts it.
     """
     version, internal, gauss_next = random.getstate()
     name, keys, position, has_gauss, cached_gauss = np.random.get_state()
@@ -67,20 +68,20 @@ def capture_rng_state() -> dict[str, Any]:
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gauss)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Put every generator back to a state returned by :func:`capture_rng_state`."""
+def restore_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Put every generator back to a state returned by :func:`capture_rng_state` (same ``device``)."""
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     name, keys, position, has_gauss, cached_gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def seed_everything(seed: int) -> None:

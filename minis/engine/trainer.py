@@ -317,7 +317,7 @@ class Trainer:
         self._metrics_lines = checkpoint["metrics_lines"]
         rng_states = checkpoint["rng"]
         if self.dist.rank < len(rng_states):
-            restore_rng_state(rng_states[self.dist.rank])
+            restore_rng_state(rng_states[self.dist.rank], self.device)
         else:  # saved on interrupt by rank 0 alone: other ranks cannot get their exact state back
             warnings.warn(f"rank {self.dist.rank}: no saved random state, reseeding (resume is not bit-exact)")
             seed_everything(distributed.derive_seed(self.config.seed, self.dist.rank, self.iteration))
@@ -477,7 +477,7 @@ class Trainer:
         checkpoint saved on interrupt takes the random state and the buffers from here, the end
         of the last completed step (parameters and optimizer only change inside the step).
         """
-        self._rng_after_step = capture_rng_state()
+        self._rng_after_step = capture_rng_state(self.device)
         self._buffers_after_step = {
             name: buffer.detach().clone()
             for name, buffer in self.model.named_buffers()
