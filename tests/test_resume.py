@@ -8,13 +8,16 @@ checks that this sensitivity is real.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from minis.engine import TrainConfig, Trainer, load_checkpoint, save_checkpoint
 
@@ -171,6 +174,32 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, straight_run, where, at):
             k: v for k, v in expected.items() if k != "seconds"
         }
     assert (tmp_path / "metrics.jsonl").read_text() == straight_run["metrics"]
+
+
+def test_ctrl_c_during_the_update_waits_for_the_step_to_finish(tmp_path, straight_run):
+    """A real SIGINT arriving inside ``optimizer.step()`` is held until the step is complete.
+
+    Raised right away, it would leave the weights updated but the step uncounted, and the
+    resumed run would apply that step twice.
+    """
+    steps = []
+
+    def ctrl_c_on_third_step(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = register_optimizer_step_post_hook(ctrl_c_on_third_step)  # every optimizer
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(new_model(), NoisySquares(14), NoisySquares(5), make_config(), out_dir=tmp_path).fit()
+    finally:
+        handle.remove()
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 3  # the interrupted step counts
+
+    resumed = new_model()
+    Trainer(resumed, NoisySquares(14), NoisySquares(5), make_config(), out_dir=tmp_path).fit(resume=True)
+    assert_same_state(straight_run["state"], final_state(resumed))
 
 
 def test_resume_depends_on_the_saved_random_state(tmp_path, straight_run):
