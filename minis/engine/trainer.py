@@ -543,9 +543,18 @@ class Trainer:
             record["val"] = metrics
             self._append_log({"kind": "val", "epoch": epoch, "iteration": self.iteration, **metrics})
         self.history.append(record)
+        self._print_summary(record)
         self.epoch, self.batch_in_epoch = epoch + 1, 0
         self._epoch_stats = self._new_epoch_stats()
         self._save_after_epoch()
+
+    def _print_summary(self, record: dict) -> None:
+        """One line per epoch under the progress bars: mean loss and the headline metrics."""
+        if not (self.config.progress and self.dist.is_main):
+            return
+        parts = [f"epoch {record['epoch'] + 1}/{self.config.epochs}", f"loss {record.get('loss', math.nan):.4f}"]
+        parts += [f"{name} {record['val'][name]:.4f}" for name in HEADLINE_METRICS if name in record.get("val", {})]
+        tqdm.write(", ".join(parts))
 
     def _log_train(self, epoch: int) -> None:
         means = {name: total / self._window_count for name, total in self._window.items()}
