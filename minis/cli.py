@@ -85,16 +85,16 @@ def _format_value(value: Any) -> str:
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    """A two-column text table of (possibly nested) metrics; the list of image ids is left out."""
+    """A two-column text table of (possibly nested) metrics; image ids and confusion matrix left out."""
     rows: list[tuple[str, str]] = []
 
     def add(prefix: str, values: dict) -> None:
         for key, value in values.items():
-            if key == "image_ids":
+            if key in ("image_ids", "confusion_matrix"):
                 continue
             name = f"{prefix}{key}"
             if isinstance(value, dict):
-                add(f"{name}/", value)
+                add(f"{name}_", value)
             elif isinstance(value, (list, tuple)) and len(value) > 12:
                 rows.append((name, f"[{len(value)} values]"))
             elif isinstance(value, (list, tuple)):

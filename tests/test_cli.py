@@ -71,7 +71,7 @@ def test_eval_rebuilds_model_and_data_from_the_checkpoint(trained):
     stdout = ok(minis("eval", "runs/one/last.pt", "--device", "cpu", cwd=tmp))
     assert "7 images" in stdout
     assert value_of(stdout, "mIoU") == value_of(train_stdout, "mIoU")
-    assert value_of(stdout, "per_class_iou/circle") is not None
+    assert value_of(stdout, "per_class_iou_circle") is not None
 
 
 def test_predict_draws_one_png_per_image(trained):
