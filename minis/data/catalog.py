@@ -43,7 +43,13 @@ def _shapes(root: Path, progress: bool) -> dict:
     meta_path = root / "meta.json"
     recorded = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     settings = {name: recorded[name] for name in _SHAPES_PARAMETERS if name in recorded}
-    paths = make_shapes(root, progress=progress, **settings)
+    try:
+        paths = make_shapes(root, progress=progress, **settings)
+    except FileExistsError as error:  # a non-empty folder that make_shapes did not write
+        raise FileNotFoundError(
+            f"{root} holds no shapes benchmark (no meta.json) and is not empty; choose another folder or "
+            f"generate one with `python -m minis data shapes --root DIR`"
+        ) from error
     paths["image_size"] = settings.get("image_size", 128)
     for split in ("train", "val"):
         for path in paths[split].values():
@@ -85,7 +91,6 @@ def build_dataset(
     split: str,
     *,
     transforms: Callable | None = None,
-    crop_size: int | None = None,
     progress: bool = True,
 ) -> Dataset:
     """One split (``"train"`` or ``"val"``) of benchmark ``kind`` for ``task``, with ``transforms`` as given.
@@ -109,7 +114,8 @@ def build_dataset(
         else:
             from minis.data.semantic import SemanticSegmentation
 
-            dataset = SemanticSegmentation(image_dir, paths[split]["labels"], paths["class_names"], transforms=transforms)
+            label_dir = paths[split]["labels"]
+            dataset = SemanticSegmentation(image_dir, label_dir, paths["class_names"], transforms=transforms)
     else:
         image_dir, ann_file = _coco_paths(root, split)
         dataset_class = CocoInstances if task == "instance" else CocoSemantic
@@ -152,7 +158,6 @@ def build_datasets(
             downloads them) or the shapes folder is incomplete.
         ValueError: unknown ``kind`` or ``task``.
     """
-    # Validation first: it is cheap and makes the semantic default crop size known.
     val_set = build_dataset(kind, root, task, "val", transforms=val_transforms, progress=progress)
     if train_transforms is None:
         if crop_size is None:

@@ -42,7 +42,13 @@ from tqdm.auto import tqdm
 
 from minis.data.collate import collate_instances, collate_semantic
 from minis.engine import distributed
-from minis.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, seed_everything
+from minis.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
 from minis.engine.evaluation import evaluate, predict
 from minis.engine.schedules import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 
@@ -168,8 +174,9 @@ class Trainer:
         data: dict | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        if getattr(model, "task", None) not in TASKS:
-            raise ValueError(f"the model must have a class attribute task in {TASKS}, got {getattr(model, 'task', None)!r}")
+        task = getattr(model, "task", None)
+        if task not in TASKS:
+            raise ValueError(f"the model must have a class attribute task in {TASKS}, got {task!r}")
         self.config = config if config is not None else TrainConfig()
         self.device = resolve_device(self.config.device, distributed.local_rank())
         self.dist = distributed.init_distributed(self.device)
