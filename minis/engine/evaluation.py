@@ -60,8 +60,11 @@ def _semantic_label_maps(model: nn.Module, images: list[torch.Tensor], device: t
 def _compact_detections(output: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One image's detections on the CPU, masks kept as booleans (``> 0.5``).
 
-    Probabilities as float32 would take four times the memory; the COCO evaluation thresholds
-    them at 0.5 anyway.
+    Probabilities as float32 would take four times the memory, and the COCO evaluation
+    thresholds them at 0.5 anyway (the same result for masks at the image's size, as the model
+    interface asks). Memory still grows with detections x pixels: fine for the shapes benchmark
+    and a few hundred COCO images; a full COCO validation run would rather keep each image's
+    detections RLE-encoded (:func:`minis.eval.predictions_to_coco_results`).
     """
     compact = {key: value.detach().cpu() for key, value in output.items() if isinstance(value, torch.Tensor)}
     if "masks" in compact:
