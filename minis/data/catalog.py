@@ -73,14 +73,22 @@ def _coco_paths(root: Path, split: str) -> tuple[Path, Path]:
     return image_dir, ann_file
 
 
-def _default_train_transforms(kind: str, task: str, crop_size: int) -> Callable:
-    """Augmentation used when the caller gives none: crops for semantic, resize+flip for instance."""
+def _default_train_transforms(kind: str, task: str, crop_size: int | None) -> Callable:
+    """Augmentation used when the caller gives none.
+
+    Shapes: horizontal flips only. The generator already draws every object at a random size,
+    position and rotation, and rescaling a 128-pixel image would push its objects out of the
+    range the small models see in a few minutes of training. COCO: random scale and crop for
+    semantic, the detection recipe's resize and flip for instance.
+    """
+    from torchvision.transforms import v2
+
     from minis.data import transforms
 
+    if kind == "shapes" and crop_size is None:
+        return v2.RandomHorizontalFlip(p=0.5)
     if task == "semantic":
-        return transforms.semantic_train_transforms(crop_size)
-    if kind == "shapes":
-        return transforms.train_transforms(min_size=crop_size, max_size=crop_size)
+        return transforms.semantic_train_transforms(crop_size or COCO_SEMANTIC_CROP)
     return transforms.train_transforms()  # its defaults are the COCO recipe
 
 
@@ -142,13 +150,13 @@ def build_datasets(
         task: ``"semantic"`` (:class:`~minis.data.SemanticSegmentation` on the shapes label PNGs,
             :class:`~minis.data.CocoSemantic` on COCO) or ``"instance"``
             (:class:`~minis.data.CocoInstances`).
-        train_transforms: augmentation of the training set; ``None`` means the default: random
-            scale, crop (``crop_size``) and flip for semantic,
-            :func:`minis.data.transforms.train_transforms` for instance (at the shapes image
-            size, or its COCO defaults).
+        train_transforms: augmentation of the training set; ``None`` means the default:
+            horizontal flips for shapes; on COCO random scale, crop (``crop_size``) and flip for
+            semantic, :func:`minis.data.transforms.train_transforms` for instance.
         val_transforms: applied to the validation set; ``None`` (default) keeps the images as
             they are, which is what the COCO evaluator expects.
-        crop_size: semantic training crop; default the shapes image size, or 512 for COCO.
+        crop_size: semantic training crop (random scale, crop and flip); default 512 on COCO and
+            no crops on shapes.
         progress: progress bar while generating the shapes benchmark.
 
     Both datasets get ``data_description = {"kind", "root", "task"}`` (see the module docstring).
@@ -160,8 +168,6 @@ def build_datasets(
     """
     val_set = build_dataset(kind, root, task, "val", transforms=val_transforms, progress=progress)
     if train_transforms is None:
-        if crop_size is None:
-            crop_size = _shapes(Path(root), progress)["image_size"] if kind == "shapes" else COCO_SEMANTIC_CROP
         train_transforms = _default_train_transforms(kind, task, crop_size)
     train_set = build_dataset(kind, root, task, "train", transforms=train_transforms, progress=progress)
     return train_set, val_set
