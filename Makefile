@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # A torch/torchvision pair from PyPI that installs here and runs on the CPU. Colab keeps its own
 # torch: there `pip install minis` is enough (pyproject.toml does not pin torch).
 TORCH_PINS ?= torch==2.14.* torchvision==0.29.*
-DEMO_EPOCHS ?= 6
+DEMO_EPOCHS ?= 15
 DEMO_OUT ?= runs/demo
 MATHJAX := book/_vendor/mathjax/tex-chtml.js
 
@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m minis data shapes --root data/shapes
 	$(PY) -m minis train baseline_fcn --data shapes --data-root data/shapes \
-		--epochs $(DEMO_EPOCHS) --batch-size 16 --lr 0.05 --out $(DEMO_OUT)
+		--epochs $(DEMO_EPOCHS) --batch-size 16 --optimizer adamw --lr 0.003 --warmup-iters 50 --out $(DEMO_OUT)
 	$(PY) -m minis predict $(DEMO_OUT)/last.pt \
 		data/shapes/val/images/000001.png data/shapes/val/images/000002.png \
 		data/shapes/val/images/000003.png --out $(DEMO_OUT)/predictions
