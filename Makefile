@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # A torch/torchvision pair from PyPI that installs here and runs on the CPU. Colab keeps its own
 # torch: there `pip install minis` is enough (pyproject.toml does not pin torch).
 TORCH_PINS ?= torch==2.14.* torchvision==0.29.*
-DEMO_EPOCHS ?= 15
+DEMO_EPOCHS ?= 20
 DEMO_OUT ?= runs/demo
 MATHJAX := book/_vendor/mathjax/tex-chtml.js
 
