@@ -177,6 +177,8 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from minis.data import catalog
     from minis.engine import Trainer, distributed
 
@@ -186,6 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"--resume: no checkpoint at {Path(args.out) / 'last.pt'}")
     # The classes fix num_classes; the model's task then picks the datasets.
     names = catalog.class_names(args.data, args.data_root)
+    torch.manual_seed(args.seed)  # the initial weights too are a function of --seed
     model = _build_model(args.model, len(names), kwargs)
     train_set, val_set = catalog.build_datasets(args.data, args.data_root, model.task, crop_size=args.crop_size)
     trainer = Trainer(model, train_set, val_set, config, out_dir=args.out)
