@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
 
-from minis.eval import coco_evaluate, predictions_to_coco_results
+from minis.eval import coco_evaluate, evaluate_coco_results, predictions_to_coco_results
 from minis.eval.coco import STAT_NAMES
 
 # pycocotools' decode (used by COCO.annToMask to build perfect predictions here) trips a numpy 2
@@ -259,6 +259,15 @@ def test_matches_pycocotools_used_by_hand(dataset):
     # pycocotools measured it by its 40 x 40 box).
     with_boxes = cocoeval_by_hand(dataset.coco, [dict(r) for r in results], "segm", dataset.ids)
     assert metrics["segm"]["APs"] < with_boxes[3]
+
+
+def test_results_encoded_image_by_image_give_the_same_metrics(dataset):
+    """What the engine does: encode each image's detections as they come, evaluate at the end."""
+    predictions = _noisy_predictions(dataset)
+    results = [r for image_id, p in predictions.items() for r in predictions_to_coco_results(dataset, {image_id: p})]
+    assert evaluate_coco_results(dataset, results) == coco_evaluate(dataset, predictions)
+    with pytest.raises(ValueError, match="no 'segmentation'"):
+        evaluate_coco_results(dataset, [{k: v for k, v in r.items() if k != "segmentation"} for r in results])
 
 
 def test_subset_of_images_is_evaluated_on_its_ids_only(ann_file):

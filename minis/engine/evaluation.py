@@ -57,21 +57,6 @@ def _semantic_label_maps(model: nn.Module, images: list[torch.Tensor], device: t
     return [model(image[None].to(device))[0].argmax(dim=0) for image in images]
 
 
-def _compact_detections(output: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One image's detections on the CPU, masks kept as booleans (``> 0.5``).
-
-    Probabilities as float32 would take four times the memory, and the COCO evaluation
-    thresholds them at 0.5 anyway (the same result for masks at the image's size, as the model
-    interface asks). Memory still grows with detections x pixels: fine for the shapes benchmark
-    and a few hundred COCO images; a full COCO validation run would rather keep each image's
-    detections RLE-encoded (:func:`minis.eval.predictions_to_coco_results`).
-    """
-    compact = {key: value.detach().cpu() for key, value in output.items() if isinstance(value, torch.Tensor)}
-    if "masks" in compact:
-        compact["masks"] = compact["masks"] > 0.5
-    return compact
-
-
 def _evaluate_semantic(model, loader, device, num_classes, bar) -> tuple[dict, list]:
     """Metrics over all ranks (confusion matrices summed) and the image ids of this rank's shard."""
     from minis.eval.semantic import ConfusionMatrix
@@ -89,21 +74,31 @@ def _evaluate_semantic(model, loader, device, num_classes, bar) -> tuple[dict, l
 
 
 def _evaluate_instances(model, loader, device, dataset, bar) -> tuple[dict, list]:
-    """COCO metrics over all ranks (detections gathered) and the image ids of this rank's shard."""
-    from minis.eval.coco import coco_evaluate
+    """COCO metrics over all ranks (results gathered) and the image ids of this rank's shard.
 
-    predictions: dict[int, dict] = {}
+    Each batch's detections are converted to COCO results (boxes xywh, masks RLE-encoded) as soon
+    as they are predicted: a full COCO validation run then holds short RLE strings, not
+    ``detections x H x W`` mask pixels, and the ranks' lists simply concatenate.
+    """
+    from minis.eval.coco import evaluate_coco_results, predictions_to_coco_results
+
+    results: list[dict] = []
+    image_ids: list[int] = []
+    has_masks = False
     for images, targets in loader:
         outputs = model([image.to(device) for image in images])
-        for output, target in zip(outputs, targets):
-            predictions[int(target["image_id"])] = _compact_detections(output)
+        batch = {int(target["image_id"]): output for output, target in zip(outputs, targets)}
+        has_masks = has_masks or any("masks" in output for output in outputs)
+        results += predictions_to_coco_results(dataset, batch)
+        image_ids += list(batch)
         bar.update(len(images))
-    shards = distributed.all_gather_objects(predictions)
+    shards = distributed.all_gather_objects((results, has_masks))
     metrics = None
     if not distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        merged = {image_id: prediction for shard in shards for image_id, prediction in shard.items()}
-        metrics = coco_evaluate(dataset, merged)  # pycocotools runs once, on rank 0
-    return distributed.broadcast_object(metrics), list(predictions)  # this rank's image ids
+        merged = [result for shard_results, _ in shards for result in shard_results]
+        iou_types = ("bbox", "segm") if any(masks for _, masks in shards) else ("bbox",)
+        metrics = evaluate_coco_results(dataset, merged, iou_types)  # pycocotools runs once, on rank 0
+    return distributed.broadcast_object(metrics), image_ids
 
 
 @torch.no_grad()

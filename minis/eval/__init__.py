@@ -6,6 +6,7 @@ import importlib
 
 _EXPORTS = {
     "coco_evaluate": "minis.eval.coco",
+    "evaluate_coco_results": "minis.eval.coco",
     "predictions_to_coco_results": "minis.eval.coco",
     "semantic_evaluate": "minis.eval.semantic",
     "ConfusionMatrix": "minis.eval.semantic",

@@ -308,6 +308,34 @@ def coco_evaluate(
             )
 
     results = predictions_to_coco_results(dataset, predictions, mask_threshold)
+    return evaluate_coco_results(dataset, results, iou_types, verbose=verbose)
+
+
+def evaluate_coco_results(
+    dataset: Any,
+    results: Sequence[Mapping[str, Any]],
+    iou_types: Sequence[str] = ("bbox", "segm"),
+    verbose: bool = False,
+) -> dict[str, dict[str, float]]:
+    """The pycocotools half of :func:`coco_evaluate`, on results already in COCO's format.
+
+    ``results`` is what :func:`predictions_to_coco_results` returns (``image_id``,
+    ``category_id``, ``bbox`` xywh, ``score`` and, for ``segm``, an RLE ``segmentation``).
+    Encoding each batch as it is predicted and evaluating at the end keeps the memory of a
+    whole COCO validation run small (an RLE is a short string; a mask is ``H x W`` bytes), and
+    the lists from several processes are simply concatenated. Same return value as
+    :func:`coco_evaluate`.
+    """
+    unknown = [t for t in iou_types if t not in IOU_TYPES]
+    if unknown:
+        raise ValueError(f"unknown iou_types {unknown}; choose from {IOU_TYPES}")
+    if "segm" in iou_types:
+        unmasked = sorted({int(r["image_id"]) for r in results if "segmentation" not in r})
+        if unmasked:
+            raise ValueError(
+                f"iou_types asks for 'segm' but the results for image ids {unmasked[:5]} have no "
+                "'segmentation'; evaluate with iou_types=('bbox',)"
+            )
     image_ids = [int(i) for i in dataset.ids]
     metrics: dict[str, dict[str, float]] = {}
     output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
