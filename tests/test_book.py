@@ -46,6 +46,14 @@ def test_notebook_is_saved_with_the_outputs_of_a_full_run(notebook: Path) -> Non
     assert not errors, f"saved outputs contain errors: {[e['ename'] for e in errors]}"
 
 
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: str(p.relative_to(BOOK)))
+def test_saved_progress_bars_show_their_final_state(notebook: Path) -> None:
+    """tools/execute_notebooks.py keeps what a terminal shows, not every redraw of a bar."""
+    streams = [o for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"
+               for o in c["outputs"] if o["output_type"] == "stream"]
+    assert not [o for o in streams if "\r" in "".join(o["text"])], "run tools/execute_notebooks.py --tidy-only"
+
+
 def test_every_toc_entry_exists() -> None:
     for name in toc_files():
         assert any((BOOK / f"{name}{suffix}").exists() for suffix in ("", ".md", ".ipynb")), name
