@@ -1,0 +1,190 @@
+"""ResNet backbones with a chosen output stride, written out so the dilation trick is visible.
+
+A classification ResNet halves the resolution five times (output stride 32). Segmentation
+wants finer maps, and DeepLab's answer (Chen et al., 2017) is to *remove* the stride of the last
+one or two stages and dilate their 3x3 convolutions instead: the receptive field grows as
+before, the maps stop shrinking, and the pretrained weights still fit because no weight changes
+shape. Output stride 16 dilates stage 4 (``layer4``) by 2; output stride 8 dilates stage 3 by 2
+and stage 4 by 4.
+
+Parameter names follow torchvision's ``resnet18/50/101`` exactly, so its ImageNet weights load
+unchanged, and with the same weights the features are the same numbers (tests check it).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+# stage -> dilation of its 3x3 convolutions for each output stride (stages 1 and 2 never change)
+DILATIONS = {32: (1, 1), 16: (1, 2), 8: (2, 4)}  # (layer3, layer4)
+DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
+          101: ("bottleneck", (3, 4, 23, 3))}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters: ``y = x * scale + shift``.
+
+    Detection and segmentation batches hold one or two large images per GPU, too few for
+    reliable batch statistics, so the pretrained ImageNet statistics are kept as they are.
+    Same buffers (and so the same state-dict keys) as :class:`torch.nn.BatchNorm2d`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)  # BatchNorm2d has it; we do not
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a shortcut (ResNet-18/34). ``[B,Cin,H,W] -> [B,C,H/s,W/s]``."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, channels: int, stride: int, dilation: int, norm: Callable) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_channels, channels, stride, dilation)
+        self.bn1 = norm(channels)
+        self.conv2 = _conv3x3(channels, channels, 1, dilation)
+        self.bn2 = norm(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_channels, channels * self.expansion, stride, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce -> 3x3 (strided/dilated) -> 1x1 expand, plus a shortcut (ResNet-50/101).
+
+    The stride sits on the 3x3 convolution ("ResNet v1.5", as in torchvision).
+    ``[B,Cin,H,W] -> [B,4C,H/s,W/s]``.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int, dilation: int, norm: Callable) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn1 = norm(channels)
+        self.conv2 = _conv3x3(channels, channels, stride, dilation)
+        self.bn2 = norm(channels)
+        self.conv3 = nn.Conv2d(channels, channels * self.expansion, 1, bias=False)
+        self.bn3 = norm(channels * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_channels, channels * self.expansion, stride, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+def _shortcut(in_channels: int, out_channels: int, stride: int, norm: Callable) -> nn.Module | None:
+    """A 1x1 projection when the shape changes; the identity (``None``) otherwise."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), norm(out_channels))
+
+
+class ResNet(nn.Module):
+    """ResNet feature extractor: ``images [B,3,H,W] -> {"c2", "c3", "c4", "c5"}``.
+
+    ``c2`` is at stride 4 (``layer1``), ``c3`` at 8, ``c4`` at 16 and ``c5`` at 32 - or at the
+    ``output_stride`` when that is 16 or 8 (``c4``/``c5`` then keep the finer size).
+    ``channels`` gives each map's channel count. Images are expected normalised (see
+    :class:`minis.nn.ImageNormalizer`); the model that owns the backbone does that.
+    """
+
+    def __init__(self, depth: int = 50, output_stride: int = 32, frozen_bn: bool = False) -> None:
+        super().__init__()
+        if depth not in DEPTHS:
+            raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")
+        if output_stride not in DILATIONS:
+            raise ValueError(f"output_stride must be one of {sorted(DILATIONS)}, got {output_stride}")
+        kind, blocks = DEPTHS[depth]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        self.depth, self.output_stride = depth, output_stride
+
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        d3, d4 = DILATIONS[output_stride]
+        self.in_channels = 64
+        self.layer1 = self._stage(block, 64, blocks[0], stride=1, dilation=1, first_dilation=1, norm=norm)
+        self.layer2 = self._stage(block, 128, blocks[1], stride=2, dilation=1, first_dilation=1, norm=norm)
+        # A dilated stage drops its stride; its first block still sees the previous dilation
+        # (the input has not been spread out yet), the following blocks the new one.
+        self.layer3 = self._stage(block, 256, blocks[2], stride=2 if d3 == 1 else 1, dilation=d3,
+                                  first_dilation=1, norm=norm)
+        self.layer4 = self._stage(block, 512, blocks[3], stride=2 if d4 == 1 else 1, dilation=d4,
+                                  first_dilation=d3 if d4 > 1 else 1, norm=norm)
+        e = block.expansion
+        self.channels = {"c2": 64 * e, "c3": 128 * e, "c4": 256 * e, "c5": 512 * e}
+
+    def _stage(self, block, channels: int, count: int, stride: int, dilation: int, first_dilation: int,
+               norm: Callable) -> nn.Sequential:
+        layers = [block(self.in_channels, channels, stride, first_dilation, norm)]
+        self.in_channels = channels * block.expansion
+        layers += [block(self.in_channels, channels, 1, dilation, norm) for _ in range(count - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))  # stride 4
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
+
+
+def resnet(depth: int = 50, output_stride: int = 32, frozen_bn: bool = False, pretrained: bool = False) -> ResNet:
+    """A :class:`ResNet`; ``pretrained=True`` loads torchvision's ImageNet weights (downloaded once).
+
+    Raises:
+        RuntimeError: the weights were asked for but cannot be downloaded (no internet); the
+            message says so instead of showing urllib's traceback.
+    """
+    model = ResNet(depth, output_stride, frozen_bn)
+    if pretrained:
+        model.load_state_dict(_imagenet_state_dict(depth), strict=True)
+    return model
+
+
+def _imagenet_state_dict(depth: int) -> dict[str, torch.Tensor]:
+    import urllib.error
+
+    from torchvision import models
+
+    weights = models.get_model_weights(f"resnet{depth}").IMAGENET1K_V1
+    try:
+        state = weights.get_state_dict(progress=True)
+    except (urllib.error.URLError, OSError) as error:
+        raise RuntimeError(
+            f"could not download the ImageNet weights of ResNet-{depth} from {weights.url} ({error}). "
+            "They need internet once (then torch caches them); without it use pretrained=False."
+        ) from error
+    return {key: value for key, value in state.items() if not key.startswith("fc.")}  # no classifier here
