@@ -117,9 +117,11 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 
     options = {
         name: getattr(args, name)
-        for name in ("num_train", "num_val", "image_size", "seed")
+        for name in ("num_train", "num_val", "image_size", "max_objects", "size_range", "seed")
         if getattr(args, name) is not None
     }
+    if "size_range" in options:
+        options["size_range"] = tuple(options["size_range"])
     try:
         paths = make_shapes(args.root, overwrite=args.overwrite, **options)
     except (ValueError, FileExistsError) as error:  # other settings already there, foreign folder
@@ -287,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--num-train", type=int, help="training images (default: make_shapes' default)")
     shapes.add_argument("--num-val", type=int, help="validation images")
     shapes.add_argument("--image-size", type=int, help="side of the square images in pixels")
+    shapes.add_argument("--max-objects", type=int, help="objects per non-empty image, at most")
+    shapes.add_argument("--size-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+                        help="object diameters as fractions of the image side")
     shapes.add_argument("--seed", type=int)
     shapes.add_argument("--overwrite", action="store_true", help="replace a copy generated with other settings")
     shapes.set_defaults(handler=cmd_data_shapes)

@@ -310,3 +310,31 @@ def test_default_size_generates_quickly(tmp_path):
     assert 40 <= empty <= 70  # about 5%
     sides = np.array([max(a["bbox"][2], a["bbox"][3]) for a in coco.anns.values()])
     assert 8 <= np.percentile(sides, 5) and np.percentile(sides, 95) <= 64  # objects ~12-60 px
+
+
+def test_visible_instance_map_when_every_object_is_too_small():
+    full = np.zeros((2, 30, 30), dtype=bool)
+    full[0, :3, :3] = full[1, 10:12, 10:12] = True  # 9 and 4 pixels
+    instance_map, kept = _visible_instance_map(full, min_area=20)
+    assert kept.tolist() == [] and not instance_map.any()
+
+
+def test_size_range_sets_object_sizes_and_is_recorded(tmp_path):
+    """Large objects only: every kept object's box spans at least ~the smallest diameter."""
+    paths = make_shapes(tmp_path / "big", num_train=10, num_val=2, image_size=64, size_range=(0.5, 0.7),
+                        max_objects=1, empty_fraction=0, progress=False)
+    meta = json.loads((paths["root"] / "meta.json").read_text())
+    assert meta["size_range"] == [0.5, 0.7]
+    coco = _coco(paths, "train")
+    # A lone object is never occluded; cut by the border it still keeps over half its extent.
+    sides = [max(a["bbox"][2], a["bbox"][3]) for a in coco.anns.values()]
+    assert len(sides) == 10 and min(sides) >= 0.5 * 64 * 0.5
+    with pytest.raises(ValueError, match="size_range"):
+        make_shapes(tmp_path / "bad", size_range=(0.6, 0.2), progress=False)
+    # A copy generated before size_range was recorded is still recognised as the default one.
+    default = make_shapes(tmp_path / "old", num_train=2, num_val=1, progress=False)
+    meta_path = default["root"] / "meta.json"
+    old_meta = json.loads(meta_path.read_text())
+    del old_meta["size_range"]
+    meta_path.write_text(json.dumps(old_meta))
+    assert make_shapes(tmp_path / "old", num_train=2, num_val=1, progress=False)["root"] == default["root"]

@@ -119,12 +119,14 @@ def _random_colour(rng: np.random.Generator) -> tuple[float, float, float]:
     return tuple(float(c) for c in rgb)
 
 
-def _sample_objects(rng: np.random.Generator, image_size: int, max_objects: int) -> list[ShapeObject]:
+def _sample_objects(
+    rng: np.random.Generator, image_size: int, max_objects: int, size_range: tuple[float, float] = SIZE_RANGE
+) -> list[ShapeObject]:
     """Random objects for one image, in painting order (later ones on top)."""
     num_objects = int(rng.integers(1, max_objects + 1))
     objects = []
     for _ in range(num_objects):
-        diameter = image_size * math.exp(rng.uniform(math.log(SIZE_RANGE[0]), math.log(SIZE_RANGE[1])))
+        diameter = image_size * math.exp(rng.uniform(math.log(size_range[0]), math.log(size_range[1])))
         # Centres may sit near the border, so some objects are cut by the image edge.
         center = tuple(float(c) for c in rng.uniform(0.08 * image_size, 0.92 * image_size, size=2))
         striped = rng.uniform() < STRIPED_OBJECT_PROBABILITY
@@ -185,7 +187,7 @@ def _visible_instance_map(full_masks: np.ndarray, min_area: int) -> tuple[np.nda
     object is visible; ``kept`` holds the indices (into ``full_masks``) of the kept objects.
     """
     kept = np.arange(len(full_masks))
-    while True:
+    while len(kept):
         # The last object covering a pixel owns it: argmax over the reversed stack finds it.
         stack = full_masks[kept]
         covered = stack.any(axis=0)
@@ -197,6 +199,7 @@ def _visible_instance_map(full_masks: np.ndarray, min_area: int) -> tuple[np.nda
             return instance_map, kept.astype(np.int64)
         # Removing an object only uncovers pixels of objects below it, so the loop ends quickly.
         kept = kept[~too_small]
+    return np.zeros(full_masks.shape[1:], dtype=np.int32), kept.astype(np.int64)  # every object was too small
 
 
 def _coordinate_grid(image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,17 +263,18 @@ def render_sample(
     max_objects: int = 6,
     min_area: int = 20,
     empty: bool = False,
+    size_range: tuple[float, float] = SIZE_RANGE,
 ) -> ShapesSample:
     """Render one image of the benchmark from ``rng`` (see the module docstring for the recipe).
 
     With ``empty=True`` the image holds background only. Objects whose visible part is smaller
     than ``min_area`` pixels are removed before painting, so image, masks and labels agree.
     """
-    objects = [] if empty else _sample_objects(rng, image_size, max_objects)
+    objects = [] if empty else _sample_objects(rng, image_size, max_objects, size_range)
     if objects:
         full_masks = np.stack([_shape_mask(obj, image_size) for obj in objects])
         instance_map, kept = _visible_instance_map(full_masks, min_area)
-        objects = [objects[i] for i in kept]
+        objects = [objects[i] for i in kept]  # may leave none: the image is then empty too
     else:
         instance_map = np.zeros((image_size, image_size), dtype=np.int32)
     canvas = _background(rng, image_size, [obj.colour for obj in objects])
@@ -367,7 +371,8 @@ def _write_split(root: Path, split: str, num_images: int, params: dict, progress
         image_id = index + 1
         rng = np.random.default_rng([params["seed"], split_code, image_id])
         sample = render_sample(
-            rng, params["image_size"], params["max_objects"], params["min_area"], empty=index in empty
+            rng, params["image_size"], params["max_objects"], params["min_area"], empty=index in empty,
+            size_range=tuple(params["size_range"]),
         )
         file_name = f"{image_id:06d}.png"
         Image.fromarray(sample.image).save(paths["images"] / file_name, **_PNG_OPTIONS)
@@ -402,6 +407,7 @@ def make_shapes(
     max_objects: int = 6,
     min_area: int = 20,
     empty_fraction: float = 0.05,
+    size_range: tuple[float, float] = SIZE_RANGE,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
@@ -415,6 +421,8 @@ def make_shapes(
         max_objects: each non-empty image holds ``1..max_objects`` objects before occlusion.
         min_area: objects with fewer visible pixels are dropped (from image, JSON and labels).
         empty_fraction: fraction of images with no object at all.
+        size_range: ``(smallest, largest)`` object diameter as a fraction of ``image_size``, drawn
+            log-uniformly; the default gives about 12 to 58 px at 128 px.
         seed: same seed and parameters -> byte-identical files.
         overwrite: delete what a previous run wrote under ``root`` and generate again.
         progress: show a progress bar.
@@ -440,6 +448,9 @@ def make_shapes(
         raise ValueError(f"make_shapes: image_size must be at least 32 pixels, got {image_size}")
     if not 0 <= empty_fraction <= 1:
         raise ValueError(f"make_shapes: empty_fraction must be in [0, 1], got {empty_fraction}")
+    if len(size_range) != 2 or not 0 < size_range[0] <= size_range[1] <= 1:
+        raise ValueError(f"make_shapes: size_range must be (smallest, largest) with 0 < smallest <= largest <= 1, "
+                         f"got {size_range}")
     params = {
         "generator": "minis.data.shapes",
         "format_version": FORMAT_VERSION,
@@ -450,11 +461,13 @@ def make_shapes(
         "max_objects": max_objects,
         "min_area": min_area,
         "empty_fraction": empty_fraction,
+        "size_range": [float(size_range[0]), float(size_range[1])],
         "seed": seed,
     }
     meta_path, marker = root / "meta.json", root / _MARKER
     if not overwrite and meta_path.exists():
         existing = json.loads(meta_path.read_text(encoding="utf-8"))
+        existing.setdefault("size_range", list(SIZE_RANGE))  # copies written before size_range was a parameter
         if existing == params:
             return _layout(root)
         changed = sorted(k for k in params.keys() | existing.keys() if params.get(k) != existing.get(k))
@@ -492,6 +505,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--num-val", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--max-objects", type=int, default=6)
+    parser.add_argument("--size-range", type=float, nargs=2, default=SIZE_RANGE, metavar=("MIN", "MAX"),
+                        help="object diameter range as fractions of the image side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing copy")
     args = parser.parse_args(argv)
@@ -501,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         num_val=args.num_val,
         image_size=args.image_size,
         max_objects=args.max_objects,
+        size_range=tuple(args.size_range),
         seed=args.seed,
         overwrite=args.overwrite,
     )

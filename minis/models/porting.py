@@ -1,6 +1,7 @@
 """Conversions from torchvision models to minis models (same weights, same outputs).
 
-Each architecture issue adds its converter to ``_CONVERTERS``, keyed by torchvision class name.
+A model file declares its converter with ``@register_port("FCN")`` (the torchvision class
+name); :func:`minis.models.from_torchvision` dispatches on the class of the model it is given.
 """
 
 from __future__ import annotations
@@ -9,7 +10,20 @@ from typing import Callable
 
 import torch
 
-_CONVERTERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {}
+Converter = Callable[[torch.nn.Module], torch.nn.Module]
+_CONVERTERS: dict[str, Converter] = {}
+
+
+def register_port(torchvision_class: str) -> Callable[[Converter], Converter]:
+    """Decorator: ``converter(tv_model) -> minis model`` handles torchvision's ``torchvision_class``."""
+
+    def wrap(converter: Converter) -> Converter:
+        if torchvision_class in _CONVERTERS:
+            raise ValueError(f"a port for torchvision {torchvision_class} is registered twice")
+        _CONVERTERS[torchvision_class] = converter
+        return converter
+
+    return wrap
 
 
 def convert(tv_model: torch.nn.Module) -> torch.nn.Module:

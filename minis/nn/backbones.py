@@ -117,7 +117,7 @@ class ResNet(nn.Module):
     :class:`minis.nn.ImageNormalizer`); the model that owns the backbone does that.
     """
 
-    def __init__(self, depth: int = 50, output_stride: int = 32, frozen_bn: bool = False) -> None:
+    def __init__(self, depth: int = 50, output_stride: int = 32, frozen_bn: bool = False, width: int = 64) -> None:
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")
@@ -128,22 +128,23 @@ class ResNet(nn.Module):
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         self.depth, self.output_stride = depth, output_stride
 
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = norm(64)
+        # ``width`` scales every stage (64 in the paper); a narrow ResNet is the book's CPU backbone.
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         d3, d4 = DILATIONS[output_stride]
-        self.in_channels = 64
-        self.layer1 = self._stage(block, 64, blocks[0], stride=1, dilation=1, first_dilation=1, norm=norm)
-        self.layer2 = self._stage(block, 128, blocks[1], stride=2, dilation=1, first_dilation=1, norm=norm)
+        self.in_channels = width
+        self.layer1 = self._stage(block, width, blocks[0], stride=1, dilation=1, first_dilation=1, norm=norm)
+        self.layer2 = self._stage(block, 2 * width, blocks[1], stride=2, dilation=1, first_dilation=1, norm=norm)
         # A dilated stage drops its stride; its first block still sees the previous dilation
         # (the input has not been spread out yet), the following blocks the new one.
-        self.layer3 = self._stage(block, 256, blocks[2], stride=2 if d3 == 1 else 1, dilation=d3,
+        self.layer3 = self._stage(block, 4 * width, blocks[2], stride=2 if d3 == 1 else 1, dilation=d3,
                                   first_dilation=1, norm=norm)
-        self.layer4 = self._stage(block, 512, blocks[3], stride=2 if d4 == 1 else 1, dilation=d4,
+        self.layer4 = self._stage(block, 8 * width, blocks[3], stride=2 if d4 == 1 else 1, dilation=d4,
                                   first_dilation=d3 if d4 > 1 else 1, norm=norm)
         e = block.expansion
-        self.channels = {"c2": 64 * e, "c3": 128 * e, "c4": 256 * e, "c5": 512 * e}
+        self.channels = {"c2": width * e, "c3": 2 * width * e, "c4": 4 * width * e, "c5": 8 * width * e}
 
     def _stage(self, block, channels: int, count: int, stride: int, dilation: int, first_dilation: int,
                norm: Callable) -> nn.Sequential:
@@ -188,3 +189,26 @@ def _imagenet_state_dict(depth: int) -> dict[str, torch.Tensor]:
             "They need internet once (then torch caches them); without it use pretrained=False."
         ) from error
     return {key: value for key, value in state.items() if not key.startswith("fc.")}  # no classifier here
+
+
+SMALL_WIDTH = 16  # the "small" backbone: ResNet-18's layout at a quarter of its width (~0.7 M parameters)
+BACKBONES = ("small", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16")
+
+
+def build_backbone(name: str, output_stride: int = 32, frozen_bn: bool = False, pretrained: bool = False) -> nn.Module:
+    """A backbone by name: ``images [B,3,H,W] (normalised) -> {"c2"?, "c3", "c4", "c5"}``.
+
+    Every backbone has a ``channels`` dict (feature name -> channel count) and an
+    ``output_stride`` attribute. ``"small"`` is a narrow ResNet-18 that trains from scratch on a
+    laptop CPU in minutes (the book's default); the ResNets and VGG-16 are the papers' backbones,
+    with ImageNet weights from torchvision when ``pretrained=True`` (downloaded on request).
+    """
+    if name == "small":
+        if pretrained:
+            raise ValueError("the 'small' backbone has no pretrained weights; it is trained from scratch")
+        return ResNet(18, output_stride, frozen_bn, width=SMALL_WIDTH)
+    if name.startswith("resnet") and name[len("resnet"):].isdigit():
+        return resnet(int(name[len("resnet"):]), output_stride, frozen_bn, pretrained)
+    if name == "vgg16":
+        return vgg16(output_stride, frozen_bn, pretrained)
+    raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
