@@ -1,8 +1,10 @@
 """Building blocks shared by the architectures: layers, backbones, FPN, losses."""
 
-from minis.nn.backbones import FrozenBatchNorm2d, ResNet, build_backbone, resnet
-from minis.nn.layers import ImageNormalizer, conv_bn_relu
+from minis.nn.backbones import (VGG16, FrozenBatchNorm2d, ResNet, build_backbone, convert_torchvision_vgg16, fc_to_conv,
+                                resnet, vgg16)
+from minis.nn.layers import ImageNormalizer, bilinear_upsampling, bilinear_upsampling_weight, conv_bn_relu
 from minis.nn.segmentation import IGNORE_INDEX, FCNHead, resize_to, semantic_losses
 
-__all__ = ["IGNORE_INDEX", "FCNHead", "FrozenBatchNorm2d", "ImageNormalizer", "ResNet", "build_backbone",
-           "conv_bn_relu", "resize_to", "resnet", "semantic_losses"]
+__all__ = ["IGNORE_INDEX", "FCNHead", "FrozenBatchNorm2d", "ImageNormalizer", "ResNet", "VGG16", "bilinear_upsampling",
+           "bilinear_upsampling_weight", "build_backbone", "conv_bn_relu", "convert_torchvision_vgg16", "fc_to_conv",
+           "resize_to", "resnet", "semantic_losses", "vgg16"]

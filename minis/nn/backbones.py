@@ -1,4 +1,4 @@
-"""ResNet backbones with a chosen output stride, written out so the dilation trick is visible.
+"""ResNet and VGG-16 backbones with a chosen output stride, written out so the dilation trick is visible.
 
 A classification ResNet halves the resolution five times (output stride 32). Segmentation
 wants finer maps, and DeepLab's answer (Chen et al., 2017) is to *remove* the stride of the last
@@ -7,8 +7,10 @@ before, the maps stop shrinking, and the pretrained weights still fit because no
 shape. Output stride 16 dilates stage 4 (``layer4``) by 2; output stride 8 dilates stage 3 by 2
 and stage 4 by 4.
 
-Parameter names follow torchvision's ``resnet18/50/101`` exactly, so its ImageNet weights load
-unchanged, and with the same weights the features are the same numbers (tests check it).
+Parameter names follow torchvision's ``resnet18/50/101`` and ``vgg16`` exactly, so its ImageNet
+weights load unchanged, and with the same weights the features are the same numbers (tests check
+it). VGG-16, the backbone of FCN and DeepLab v1, gets the same treatment with its pooling layers
+(see :class:`VGG16`).
 """
 
 from __future__ import annotations
@@ -176,19 +178,174 @@ def resnet(depth: int = 50, output_stride: int = 32, frozen_bn: bool = False, pr
 
 
 def _imagenet_state_dict(depth: int) -> dict[str, torch.Tensor]:
+    state = _download_imagenet_weights(f"resnet{depth}", f"ResNet-{depth}")
+    return {key: value for key, value in state.items() if not key.startswith("fc.")}  # no classifier here
+
+
+def _download_imagenet_weights(torchvision_name: str, title: str) -> dict[str, torch.Tensor]:
+    """torchvision's IMAGENET1K_V1 state dict of ``torchvision_name``, with a clear error offline."""
     import urllib.error
 
     from torchvision import models
 
-    weights = models.get_model_weights(f"resnet{depth}").IMAGENET1K_V1
+    weights = models.get_model_weights(torchvision_name).IMAGENET1K_V1
     try:
-        state = weights.get_state_dict(progress=True)
+        return weights.get_state_dict(progress=True)
     except (urllib.error.URLError, OSError) as error:
         raise RuntimeError(
-            f"could not download the ImageNet weights of ResNet-{depth} from {weights.url} ({error}). "
+            f"could not download the ImageNet weights of {title} from {weights.url} ({error}). "
             "They need internet once (then torch caches them); without it use pretrained=False."
         ) from error
-    return {key: value for key, value in state.items() if not key.startswith("fc.")}  # no classifier here
+
+
+# --- VGG-16 ---------------------------------------------------------------------------------
+# Five stages of 3x3 convolutions (channels, how many), each closed by a 2x2 max-pool.
+VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+# Stages whose pooling keeps the size at each output stride (DeepLab v1 on VGG-16).
+VGG_STRIDE_FREE_POOLS = {32: (), 16: (5,), 8: (4, 5)}
+VGG_TAPS = {"pool2": "c2", "pool3": "c3", "pool4": "c4"}  # pooling output -> feature name
+
+
+class VGG16(nn.Module):
+    """VGG-16 (Simonyan & Zisserman, 2015) as FCN and DeepLab v1 used it: ``images -> {"c2".."c5"}``.
+
+    ``c2`` is the output of ``pool2`` (stride 4, 128 channels), ``c3`` of ``pool3`` (stride 8,
+    256), ``c4`` of ``pool4`` (stride 16, 512). With ``fc_layers=True`` (FCN), ``c5`` is the
+    output of fc7 (4096 channels): the classifier's fully connected layers rewritten as
+    convolutions, fc6 a 7x7 convolution over pool5 and fc7 a 1x1 convolution, so the network
+    accepts any image size and outputs a map of "classifier" features instead of one vector
+    (the FCN paper's central observation; see :func:`fc_to_conv`). With ``fc_layers=False``,
+    ``c5`` is ``pool5`` (stride 32, 512 channels).
+
+    ``output_stride`` 16 or 8 is DeepLab v1's VGG: pool5 (and for 8 also pool4) becomes a 3x3
+    max-pool with stride 1, and every convolution after a removed stride is dilated by 2 (then
+    4) so it sees the same neighbourhood of the image as before; the weights keep their shapes.
+
+    Layer names are torchvision's (``features.0`` ... ``features.28``), so its ImageNet weights
+    load by name; fc6/fc7 come from its ``classifier.0``/``classifier.3`` (see
+    :func:`convert_torchvision_vgg16`). The pools round up (``ceil_mode=True``, like the Caffe
+    VGG of the papers; torchvision rounds down): a map at stride ``s`` has ``ceil(H / s)`` rows,
+    as in the ResNets, so a 2x upsampled map is never smaller than the finer one. With sizes
+    divisible by 32 both conventions agree. VGG has no batch norm.
+    """
+
+    def __init__(self, output_stride: int = 32, fc_layers: bool = True, fc_channels: int = 4096) -> None:
+        super().__init__()
+        if output_stride not in VGG_STRIDE_FREE_POOLS:
+            raise ValueError(f"output_stride must be one of {sorted(VGG_STRIDE_FREE_POOLS)}, got {output_stride}")
+        self.output_stride = output_stride
+        layers: list[nn.Module] = []
+        self._taps: dict[int, str] = {}  # index in ``features`` -> name of its output
+        in_channels, dilation = 3, 1
+        for stage, (channels, convs) in enumerate(VGG16_STAGES, start=1):
+            for _ in range(convs):
+                layers += [nn.Conv2d(in_channels, channels, 3, padding=dilation, dilation=dilation),
+                           nn.ReLU(inplace=True)]
+                in_channels = channels
+            if stage in VGG_STRIDE_FREE_POOLS[output_stride]:
+                # max over a 3x3 window without shrinking; what follows is spread out to match
+                layers.append(nn.MaxPool2d(3, stride=1, padding=1))
+                dilation *= 2
+            else:
+                layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
+            self._taps[len(layers) - 1] = f"pool{stage}"
+        self.features = nn.Sequential(*layers)
+        self.channels = {"c2": 128, "c3": 256, "c4": 512, "c5": 512}
+
+        self.fc6 = self.fc7 = None
+        if fc_layers:
+            # fc6 was a fully connected layer on the 7x7x512 pool5 map of a 224x224 image: as a
+            # convolution it is a 7x7 kernel. The paper left it unpadded and padded the *image* by
+            # 100 pixels instead, so that small images still gave fc6 a 7x7 window; the score maps
+            # then no longer lined up with the image and had to be cropped back (FCN-8s crops its
+            # maps at offsets 5, 9 and 31). Padding fc6 by 3 keeps every map aligned with the image
+            # (same top-left corner) at ceil(H / stride) rows - the same numbers wherever the
+            # whole window lies inside the map.
+            self.fc6 = nn.Conv2d(512, fc_channels, 7, padding=3 * dilation, dilation=dilation)
+            self.fc7 = nn.Conv2d(fc_channels, fc_channels, 1)
+            self.relu = nn.ReLU(inplace=True)
+            self.dropout = nn.Dropout(0.5)
+            self.channels["c5"] = fc_channels
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """torchvision's VGG initialisation (He et al. for the convolutions, N(0, 0.01) for fc6/fc7)."""
+        for module in self.features:
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        for module in (self.fc6, self.fc7):
+            if module is not None:
+                nn.init.normal_(module.weight, 0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``images [B,3,H,W]`` (normalised) -> ``{"c2": [B,128,H/4,W/4], ..., "c5": [B,C5,H/s,W/s]}``."""
+        features: dict[str, torch.Tensor] = {}
+        x = images
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            name = self._taps.get(index)
+            if name in VGG_TAPS:
+                features[VGG_TAPS[name]] = x
+        if self.fc6 is not None:
+            x = self.dropout(self.relu(self.fc6(x)))
+            x = self.dropout(self.relu(self.fc7(x)))
+        features["c5"] = x
+        return features
+
+
+def fc_to_conv(linear: nn.Linear, in_channels: int, kernel_size: int) -> nn.Conv2d:
+    """The convolution that computes what ``linear`` computes on a flattened ``[C,k,k]`` map.
+
+    A fully connected layer on a ``[B, C, k, k]`` input flattened to ``[B, C*k*k]`` is a ``k x k``
+    convolution without padding evaluated at the one position where the kernel fits; on a larger
+    map the same convolution slides, giving the classifier's answer at every position. The
+    weight is only reshaped: ``[out, C*k*k] -> [out, C, k, k]`` (``torch.flatten`` order is
+    channel, row, column - the same order as a convolution kernel).
+    """
+    if linear.in_features != in_channels * kernel_size**2:
+        raise ValueError(f"a Linear with {linear.in_features} inputs does not take a "
+                         f"{in_channels}x{kernel_size}x{kernel_size} map")
+    conv = nn.Conv2d(in_channels, linear.out_features, kernel_size, bias=linear.bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(_fc_weight_as_conv(linear.weight, in_channels, kernel_size))
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+    return conv
+
+
+def _fc_weight_as_conv(weight: torch.Tensor, in_channels: int, kernel_size: int) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], in_channels, kernel_size, kernel_size)
+
+
+def convert_torchvision_vgg16(state_dict: dict[str, torch.Tensor], fc_layers: bool = True) -> dict[str, torch.Tensor]:
+    """torchvision ``vgg16`` state dict -> :class:`VGG16`'s: ``features.*`` as they are, fc6/fc7
+    from ``classifier.0``/``classifier.3`` reshaped to convolution kernels, the 1000-class layer dropped."""
+    converted = {key: value for key, value in state_dict.items() if key.startswith("features.")}
+    if fc_layers:
+        converted["fc6.weight"] = _fc_weight_as_conv(state_dict["classifier.0.weight"], 512, 7)
+        converted["fc6.bias"] = state_dict["classifier.0.bias"]
+        fc6_channels = state_dict["classifier.0.weight"].shape[0]
+        converted["fc7.weight"] = _fc_weight_as_conv(state_dict["classifier.3.weight"], fc6_channels, 1)
+        converted["fc7.bias"] = state_dict["classifier.3.bias"]
+    return converted
+
+
+def vgg16(output_stride: int = 32, frozen_bn: bool = False, pretrained: bool = False, fc_layers: bool = True) -> VGG16:
+    """A :class:`VGG16`; ``pretrained=True`` loads torchvision's ImageNet weights (downloaded once).
+
+    ``frozen_bn`` is accepted so that every backbone has the same signature, and ignored: VGG-16
+    has no batch norm.
+
+    Raises:
+        RuntimeError: the weights were asked for but cannot be downloaded (no internet).
+    """
+    model = VGG16(output_stride, fc_layers)
+    if pretrained:
+        state = _download_imagenet_weights("vgg16", "VGG-16")
+        model.load_state_dict(convert_torchvision_vgg16(state, fc_layers), strict=True)
+    return model
 
 
 SMALL_WIDTH = 16  # the "small" backbone: ResNet-18's layout at a quarter of its width (~0.7 M parameters)
