@@ -34,3 +34,42 @@ def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1, dilation:
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
+
+
+def bilinear_upsampling_weight(channels: int, factor: int) -> torch.Tensor:
+    """The bilinear ("tent") kernel FCN initialises its upsampling layers with: ``[C, C, k, k]``.
+
+    ``k = 2 * factor - factor % 2`` (``2 * factor`` for the usual even factors). The kernel is
+    the outer product of a 1-D tent ``1 - |i - centre| / factor`` with itself, and it sits on the
+    diagonal (channel ``c`` -> channel ``c``): each class map is upsampled on its own, nothing is
+    mixed between classes.
+
+    Used in :func:`bilinear_upsampling` (a ``ConvTranspose2d`` with ``stride=factor`` and
+    ``padding=factor // 2``) it computes exactly
+    ``F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)`` except in a
+    border of ``factor // 2`` output pixels: the transposed convolution treats the pixels
+    outside the map as zeros (values fade towards the border), ``F.interpolate`` repeats the
+    edge pixel instead.
+    """
+    size = 2 * factor - factor % 2
+    centre = (size - 1) / 2
+    taps = 1 - (torch.arange(size, dtype=torch.float32) - centre).abs() / factor  # [k]
+    kernel = taps[:, None] * taps[None, :]  # [k, k]
+    weight = torch.zeros(channels, channels, size, size)
+    weight[range(channels), range(channels)] = kernel
+    return weight
+
+
+def bilinear_upsampling(channels: int, factor: int = 2, learnable: bool = True) -> nn.ConvTranspose2d:
+    """A transposed convolution that starts as bilinear upsampling by ``factor``.
+
+    ``[B,C,h,w] -> [B,C,factor*h,factor*w]``. FCN's "deconvolution" layers: initialised to
+    bilinear interpolation (see :func:`bilinear_upsampling_weight`) and, with ``learnable=True``,
+    free to learn a better upsampling during training; ``learnable=False`` freezes the weight.
+    """
+    size = 2 * factor - factor % 2
+    layer = nn.ConvTranspose2d(channels, channels, size, stride=factor, padding=factor // 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(bilinear_upsampling_weight(channels, factor))
+    layer.weight.requires_grad_(learnable)
+    return layer
