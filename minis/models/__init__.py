@@ -60,3 +60,4 @@ def from_torchvision(tv_model: torch.nn.Module) -> torch.nn.Module:
 # Architectures register themselves on import; importing them here keeps ``build`` complete.
 from minis.models import baseline  # noqa: E402,F401
 from minis.models import deeplab  # noqa: E402,F401
+from minis.models import pspnet  # noqa: E402,F401

@@ -1,0 +1,123 @@
+"""PSPNet: pool the feature map at several grid sizes so every pixel sees the whole scene.
+
+Zhao, Shi, Qi, Wang, Jia, "Pyramid Scene Parsing Network", CVPR 2017.
+
+A dilated ResNet (output stride 8) gives detailed features, but the paper found that its
+*effective* receptive field is much smaller than the theoretical one: the network mislabels a
+boat as a car because it never looks at the water around it. The *pyramid pooling module* adds
+that context explicitly. The feature map is average-pooled to 1x1, 2x2, 3x3 and 6x6 grids - the
+whole image, its halves, thirds and sixths - each pooled map is reduced by a 1x1 convolution to
+``1/4`` of the channels (so that the context does not outweigh the local features), upsampled
+back, and concatenated with the features. A 3x3 convolution then mixes local evidence with the
+scene's global layout, and a 1x1 convolution scores the classes.
+
+Deep supervision: an auxiliary classifier on stage 4 (``c4``) adds a second loss, weighted 0.4,
+which eases the optimisation of the deep ResNet; it is dropped at inference.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from minis.models import register
+from minis.models.deeplab import PooledBatchNorm2d
+from minis.nn import FCNHead, ImageNormalizer, build_backbone, resize_to, semantic_losses
+
+
+class PoolingBranch(nn.Module):
+    """Average-pool to a ``bins x bins`` grid -> 1x1 conv -> BN -> ReLU -> upsample back.
+
+    ``[B,Cin,h,w] -> [B,Cout,h,w]``: the average content of each grid cell, broadcast over that
+    cell (bilinearly blended at the cell borders). With ``bins=1`` it is one global vector.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bins: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(bins)
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.bn = PooledBatchNorm2d(out_channels)  # the 1x1 grid of one image is a single value
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return resize_to(self.relu(self.bn(self.conv(self.pool(x)))), x.shape[-2:])
+
+
+class PyramidPooling(nn.Module):
+    """The pyramid pooling module: ``[B,C,h,w] -> [B,2C,h,w]`` (for four bins).
+
+    The features themselves, followed by one :class:`PoolingBranch` per grid size, each with
+    ``C / len(bins)`` channels.
+    """
+
+    def __init__(self, in_channels: int, bins: Sequence[int] = (1, 2, 3, 6)) -> None:
+        super().__init__()
+        branch_channels = in_channels // len(bins)
+        self.branches = nn.ModuleList(PoolingBranch(in_channels, branch_channels, b) for b in bins)
+        self.out_channels = in_channels + len(bins) * branch_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x] + [branch(x) for branch in self.branches], dim=1)
+
+
+class PSPHead(nn.Module):
+    """Pyramid pooling -> 3x3 conv (``channels``, 512 in the paper) -> BN -> ReLU -> dropout -> 1x1.
+
+    ``[B,Cin,h,w] -> [B,K,h,w]``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, bins: Sequence[int] = (1, 2, 3, 6),
+                 channels: int = 512, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.pyramid = PyramidPooling(in_channels, bins)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(self.pyramid.out_channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.fuse(self.pyramid(x)))
+
+
+class PSPNet(nn.Module):
+    """Semantic segmentation: ``images [B,3,H,W] in 0..1 -> logits [B,K,H,W]``.
+
+    In training mode with ``targets`` (int64 ``[B,H,W]``, 255 = ignore) it returns
+    ``{"loss_ce"}``, plus ``{"loss_aux"}`` from the auxiliary head on ``c4`` when it has one.
+    """
+
+    task = "semantic"
+
+    def __init__(self, backbone: nn.Module, head: PSPHead, aux_head: nn.Module | None = None,
+                 aux_weight: float = 0.4) -> None:
+        super().__init__()
+        self.normalize = ImageNormalizer()
+        self.backbone = backbone
+        self.head = head
+        self.aux_head = aux_head
+        self.aux_weight = aux_weight
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
+        size = images.shape[-2:]
+        features = self.backbone(self.normalize(images))
+        logits = resize_to(self.head(features["c5"]), size)
+        if not (self.training and targets is not None):
+            return logits
+        aux_logits = None if self.aux_head is None else resize_to(self.aux_head(features["c4"]), size)
+        return semantic_losses(logits, targets, aux_logits, self.aux_weight)
+
+
+@register("pspnet")
+def pspnet(num_classes: int, backbone: str = "small", bins: Sequence[int] = (1, 2, 3, 6), head_channels: int = 512,
+           dropout: float = 0.1, aux: bool = True, aux_weight: float = 0.4, pretrained_backbone: bool = False,
+           frozen_bn: bool = False) -> PSPNet:
+    """PSPNet at output stride 8 (paper: dilated ResNet-50/101, bins 1/2/3/6, 512 channels, aux 0.4)."""
+    features = build_backbone(backbone, 8, frozen_bn, pretrained_backbone)
+    head = PSPHead(features.channels["c5"], num_classes, bins, head_channels, dropout)
+    aux_head = FCNHead(features.channels["c4"], num_classes) if aux else None
+    return PSPNet(features, head, aux_head, aux_weight)
