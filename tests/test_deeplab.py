@@ -64,6 +64,18 @@ def test_deeplabv1_is_one_large_fov_classifier_at_stride_8() -> None:
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.head.modules())  # VGG era: no BN
 
 
+@pytest.mark.parametrize("name", ["deeplabv1", "deeplabv2"])
+def test_paper_backbone_is_vgg16_without_its_fully_connected_layers(name: str) -> None:
+    model = minis.models.build(name, num_classes=4, backbone="vgg16", head_channels=16).eval()
+    assert model.backbone.fc6 is None and model.backbone.output_stride == 8  # the LargeFOV head replaces fc6/fc7
+    first_conv = model.head.classifier[0] if name == "deeplabv1" else model.head.branches[0][0]
+    assert first_conv.in_channels == 512  # pool5
+    with torch.no_grad():
+        features = model.backbone(model.normalize(torch.rand(1, 3, 57, 43)))
+        assert features["c5"].shape == (1, 512, 8, 6)  # ceil(57 / 8), ceil(43 / 8)
+        assert model(torch.rand(1, 3, 57, 43)).shape == (1, 4, 57, 43)
+
+
 def test_deeplabv2_sums_the_logits_of_its_four_branches() -> None:
     torch.manual_seed(0)
     model = minis.models.build("deeplabv2", num_classes=4, head_channels=16).eval()

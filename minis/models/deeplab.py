@@ -45,6 +45,7 @@ from torch import nn
 from minis.models import build, register
 from minis.models.porting import register_port
 from minis.nn import FCNHead, ImageNormalizer, build_backbone, conv_bn_relu, resize_to, semantic_losses
+from minis.nn.backbones import vgg16
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -281,9 +282,7 @@ class DeepLab(nn.Module):
 def deeplab_backbone(name: str, output_stride: int, frozen_bn: bool, pretrained: bool) -> nn.Module:
     """The backbone for a DeepLab head; VGG-16 comes without fc6/fc7, which the heads replace."""
     if name == "vgg16":
-        from minis.nn import backbones
-
-        return backbones.vgg16(output_stride, frozen_bn, pretrained, fc_layers=False)
+        return vgg16(output_stride, frozen_bn, pretrained, fc_layers=False)
     return build_backbone(name, output_stride, frozen_bn, pretrained)
 
 
