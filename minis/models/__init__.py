@@ -61,3 +61,4 @@ def from_torchvision(tv_model: torch.nn.Module) -> torch.nn.Module:
 from minis.models import baseline  # noqa: E402,F401
 from minis.models import deeplab  # noqa: E402,F401
 from minis.models import pspnet  # noqa: E402,F401
+from minis.models import fcn  # noqa: E402,F401
