@@ -62,3 +62,4 @@ from minis.models import baseline  # noqa: E402,F401
 from minis.models import deeplab  # noqa: E402,F401
 from minis.models import pspnet  # noqa: E402,F401
 from minis.models import fcn  # noqa: E402,F401
+from minis.models import unet  # noqa: E402,F401
