@@ -9,7 +9,8 @@ vector. Upsampling that map to the image size is FCN-32s. Second, a map at strid
 shallower layers are finer but know less about classes. FCN-16s adds class scores computed from
 ``pool4`` (stride 16) to the 2x upsampled stride-32 scores; FCN-8s adds ``pool3`` (stride 8) too.
 These "skip" connections fuse *what* (deep, coarse) with *where* (shallow, fine), and each halving
-of the stride sharpened the boundaries (VOC 2011 val mean IU 59.4 / 62.4 / 62.7 in the paper).
+of the stride sharpened the boundaries (mean IU 59.4 / 62.4 / 62.7 on a subset of PASCAL VOC
+2011 val in the paper's Table 2).
 
 The upsampling layers are transposed convolutions initialised to bilinear interpolation and
 learnt with the rest (:func:`minis.nn.bilinear_upsampling`). The paper trained in stages - FCN-16s
