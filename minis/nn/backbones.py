@@ -9,8 +9,8 @@ and stage 4 by 4.
 
 Parameter names follow torchvision's ``resnet18/50/101`` and ``vgg16`` exactly, so its ImageNet
 weights load unchanged, and with the same weights the features are the same numbers (tests check
-it). VGG-16, the backbone of FCN and DeepLab v1, gets the same treatment with its pooling layers
-(see :class:`VGG16`).
+it). VGG-16, the backbone of FCN and DeepLab v1, gets the same treatment: its last pooling
+layers stop striding and the convolutions after them are dilated (see :class:`VGG16`).
 """
 
 from __future__ import annotations
