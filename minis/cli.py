@@ -122,6 +122,8 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     }
     if "size_range" in options:
         options["size_range"] = tuple(options["size_range"])
+    if args.plain:
+        options["textures"] = False
     try:
         paths = make_shapes(args.root, overwrite=args.overwrite, **options)
     except (ValueError, FileExistsError) as error:  # other settings already there, foreign folder
@@ -292,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--max-objects", type=int, help="objects per non-empty image, at most")
     shapes.add_argument("--size-range", type=float, nargs=2, metavar=("MIN", "MAX"),
                         help="object diameters as fractions of the image side")
+    shapes.add_argument("--plain", action="store_true", help="plain backgrounds and fills (textures=False)")
     shapes.add_argument("--seed", type=int)
     shapes.add_argument("--overwrite", action="store_true", help="replace a copy generated with other settings")
     shapes.set_defaults(handler=cmd_data_shapes)

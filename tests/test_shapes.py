@@ -338,3 +338,21 @@ def test_size_range_sets_object_sizes_and_is_recorded(tmp_path):
     del old_meta["size_range"]
     meta_path.write_text(json.dumps(old_meta))
     assert make_shapes(tmp_path / "old", num_train=2, num_val=1, progress=False)["root"] == default["root"]
+
+
+def test_plain_variant_has_flat_backgrounds_and_unstriped_objects():
+    """textures=False: background pixels vary only by the sensor noise; default backgrounds vary more."""
+
+    def background_spread(textures: bool) -> float:
+        rng, spreads = np.random.default_rng(5), []
+        for _ in range(20):
+            sample = render_sample(rng, image_size=64, textures=textures)
+            background = sample.image[sample.instance_map == 0].astype(np.float32) / 255  # [P,3]
+            spreads.append(background.std(axis=0).max())
+        return float(np.median(spreads))
+
+    plain, textured = background_spread(False), background_spread(True)
+    assert plain < 0.06 < textured  # noise std is 0.04
+    rng = np.random.default_rng(6)
+    from minis.data.shapes import _sample_objects
+    assert all(o.stripe_colour is None for _ in range(20) for o in _sample_objects(rng, 64, 6, textures=False))

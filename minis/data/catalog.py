@@ -33,7 +33,7 @@ TASKS = ("semantic", "instance")
 # make_shapes arguments recorded in meta.json: reusing them lets a benchmark generated with
 # non-default settings (python -m minis data shapes --num-train 50 ...) be found again.
 _SHAPES_PARAMETERS = ("num_train", "num_val", "image_size", "max_objects", "min_area", "empty_fraction", "size_range",
-                      "seed")
+                      "textures", "seed")
 COCO_SEMANTIC_CROP = 512  # side of the square training crops for COCO semantic segmentation
 
 

@@ -16,6 +16,11 @@ CPU in minutes and still has the things that make segmentation hard:
   COCO file and not in the label image, so the three always agree;
 - **images without objects** (about 5%), which detectors must learn to leave empty.
 
+The semantic-segmentation chapters use an easier variant, ``make_shapes(root, textures=False,
+size_range=..., max_objects=2)``: plain backgrounds, unstriped objects and fewer, larger shapes,
+so that an architecture's differences (how sharp its boundaries are) show after a CPU minute of
+training instead of being buried under the time it takes to learn the textures.
+
 It is generated deterministically from a seed: the same seed and parameters give byte-identical
 files on the same library versions. The layout is the one the COCO tools expect::
 
@@ -120,7 +125,11 @@ def _random_colour(rng: np.random.Generator) -> tuple[float, float, float]:
 
 
 def _sample_objects(
-    rng: np.random.Generator, image_size: int, max_objects: int, size_range: tuple[float, float] = SIZE_RANGE
+    rng: np.random.Generator,
+    image_size: int,
+    max_objects: int,
+    size_range: tuple[float, float] = SIZE_RANGE,
+    textures: bool = True,
 ) -> list[ShapeObject]:
     """Random objects for one image, in painting order (later ones on top)."""
     num_objects = int(rng.integers(1, max_objects + 1))
@@ -129,7 +138,7 @@ def _sample_objects(
         diameter = image_size * math.exp(rng.uniform(math.log(size_range[0]), math.log(size_range[1])))
         # Centres may sit near the border, so some objects are cut by the image edge.
         center = tuple(float(c) for c in rng.uniform(0.08 * image_size, 0.92 * image_size, size=2))
-        striped = rng.uniform() < STRIPED_OBJECT_PROBABILITY
+        striped = textures and rng.uniform() < STRIPED_OBJECT_PROBABILITY
         objects.append(
             ShapeObject(
                 label=int(rng.integers(1, len(SHAPE_CLASSES) + 1)),
@@ -219,8 +228,15 @@ def _stripes(rng: np.random.Generator, image_size: int) -> np.ndarray:
     return np.clip(0.5 + (wave - 0.5) * sharpness, 0, 1)
 
 
-def _background(rng: np.random.Generator, image_size: int, object_colours: Sequence[tuple]) -> np.ndarray:
-    """float ``[S,S,3]`` in 0..1: one of three textures, sometimes in the objects' own colours."""
+def _background(
+    rng: np.random.Generator, image_size: int, object_colours: Sequence[tuple], textures: bool = True
+) -> np.ndarray:
+    """float ``[S,S,3]`` in 0..1: one of three textures, sometimes in the objects' own colours.
+
+    With ``textures=False``: one plain random colour (never borrowed from an object).
+    """
+    if not textures:
+        return np.broadcast_to(np.array(_random_colour(rng)), (image_size, image_size, 3)).copy()
     colour_a, colour_b = np.array(_random_colour(rng)), np.array(_random_colour(rng))
     if object_colours and rng.uniform() < BORROWED_COLOUR_PROBABILITY:
         colour_a = np.array(object_colours[int(rng.integers(len(object_colours)))])
@@ -264,20 +280,21 @@ def render_sample(
     min_area: int = 20,
     empty: bool = False,
     size_range: tuple[float, float] = SIZE_RANGE,
+    textures: bool = True,
 ) -> ShapesSample:
     """Render one image of the benchmark from ``rng`` (see the module docstring for the recipe).
 
     With ``empty=True`` the image holds background only. Objects whose visible part is smaller
     than ``min_area`` pixels are removed before painting, so image, masks and labels agree.
     """
-    objects = [] if empty else _sample_objects(rng, image_size, max_objects, size_range)
+    objects = [] if empty else _sample_objects(rng, image_size, max_objects, size_range, textures)
     if objects:
         full_masks = np.stack([_shape_mask(obj, image_size) for obj in objects])
         instance_map, kept = _visible_instance_map(full_masks, min_area)
         objects = [objects[i] for i in kept]  # may leave none: the image is then empty too
     else:
         instance_map = np.zeros((image_size, image_size), dtype=np.int32)
-    canvas = _background(rng, image_size, [obj.colour for obj in objects])
+    canvas = _background(rng, image_size, [obj.colour for obj in objects], textures)
     _paint_objects(canvas, instance_map, objects, rng)
     canvas = canvas + rng.normal(0, PIXEL_NOISE_STD, size=canvas.shape)
     image = np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
@@ -372,7 +389,7 @@ def _write_split(root: Path, split: str, num_images: int, params: dict, progress
         rng = np.random.default_rng([params["seed"], split_code, image_id])
         sample = render_sample(
             rng, params["image_size"], params["max_objects"], params["min_area"], empty=index in empty,
-            size_range=tuple(params["size_range"]),
+            size_range=tuple(params["size_range"]), textures=params["textures"],
         )
         file_name = f"{image_id:06d}.png"
         Image.fromarray(sample.image).save(paths["images"] / file_name, **_PNG_OPTIONS)
@@ -408,6 +425,7 @@ def make_shapes(
     min_area: int = 20,
     empty_fraction: float = 0.05,
     size_range: tuple[float, float] = SIZE_RANGE,
+    textures: bool = True,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
@@ -423,6 +441,8 @@ def make_shapes(
         empty_fraction: fraction of images with no object at all.
         size_range: ``(smallest, largest)`` object diameter as a fraction of ``image_size``, drawn
             log-uniformly; the default gives about 12 to 58 px at 128 px.
+        textures: ``False`` paints plain one-colour backgrounds and objects without stripes: the
+            easier variant the semantic-segmentation chapters train on in a CPU minute.
         seed: same seed and parameters -> byte-identical files.
         overwrite: delete what a previous run wrote under ``root`` and generate again.
         progress: show a progress bar.
@@ -462,12 +482,15 @@ def make_shapes(
         "min_area": min_area,
         "empty_fraction": empty_fraction,
         "size_range": [float(size_range[0]), float(size_range[1])],
+        "textures": bool(textures),
         "seed": seed,
     }
     meta_path, marker = root / "meta.json", root / _MARKER
     if not overwrite and meta_path.exists():
         existing = json.loads(meta_path.read_text(encoding="utf-8"))
-        existing.setdefault("size_range", list(SIZE_RANGE))  # copies written before size_range was a parameter
+        # copies written before these were parameters used their defaults
+        existing.setdefault("size_range", list(SIZE_RANGE))
+        existing.setdefault("textures", True)
         if existing == params:
             return _layout(root)
         changed = sorted(k for k in params.keys() | existing.keys() if params.get(k) != existing.get(k))
@@ -507,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--max-objects", type=int, default=6)
     parser.add_argument("--size-range", type=float, nargs=2, default=SIZE_RANGE, metavar=("MIN", "MAX"),
                         help="object diameter range as fractions of the image side")
+    parser.add_argument("--plain", action="store_true", help="plain backgrounds, no stripes (textures=False)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing copy")
     args = parser.parse_args(argv)
@@ -517,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         image_size=args.image_size,
         max_objects=args.max_objects,
         size_range=tuple(args.size_range),
+        textures=not args.plain,
         seed=args.seed,
         overwrite=args.overwrite,
     )
