@@ -376,3 +376,29 @@ def test_transforms_are_applied_to_both_datasets(tmp_path):
     CocoInstances(image_dir, ann_file, transforms=record)[0]
     CocoSemantic(image_dir, ann_file, transforms=record)[0]
     assert calls == [["area", "boxes", "image_id", "iscrowd", "labels", "masks"], ["image_id", "semantic"]]
+
+
+@needs_coco_tiny
+def test_voc_semantic_labels_follow_torchvision_rules_on_real_coco():
+    """Reference built straight from pycocotools: VOC categories only, overlaps ignored, crowds painted."""
+    from minis.data.coco import VOC_COCO_CATEGORY_IDS, CocoVOCSemantic
+
+    dataset = CocoVOCSemantic(COCO_TINY / "val2017", COCO_TINY / "annotations" / "instances_val2017.json")
+    assert dataset.num_classes == 21 and dataset.class_names[15] == "person"
+    coco = dataset.instances.coco
+    voc_of_cat = {cat: voc for voc, cat in enumerate(VOC_COCO_CATEGORY_IDS, start=1)}
+    checked_overlap = 0
+    for index in range(len(dataset)):
+        image_id = dataset.ids[index]
+        info = coco.imgs[image_id]
+        anns = [a for a in coco.imgToAnns[image_id] if a["category_id"] in voc_of_cat]
+        expected = np.zeros((info["height"], info["width"]), dtype=np.int64)
+        covered = np.zeros_like(expected)
+        for ann in anns:
+            mask = coco.annToMask(ann).astype(bool)
+            expected = np.maximum(expected, mask * voc_of_cat[ann["category_id"]])
+            covered += mask
+        expected[covered > 1] = IGNORE_INDEX
+        checked_overlap += int((covered > 1).any())
+        np.testing.assert_array_equal(dataset[index][1]["semantic"].numpy(), expected, err_msg=f"image {image_id}")
+    assert checked_overlap > 0  # the rule that matters was exercised

@@ -16,6 +16,7 @@ _EXPORTS = {
     "SHAPE_CLASSES": "minis.data.shapes",
     "CocoInstances": "minis.data.coco",
     "CocoSemantic": "minis.data.coco",
+    "CocoVOCSemantic": "minis.data.coco",
     "SemanticSegmentation": "minis.data.semantic",
     "labelme_to_coco": "minis.data.labelme",
     "download_coco": "minis.data.download",

@@ -486,3 +486,58 @@ class CocoSemantic(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} images, {self.num_classes - 1} classes)"
+
+
+# The 20 PASCAL VOC classes and the COCO category id of each, in VOC's order. torchvision's
+# semantic models "COCO_WITH_VOC_LABELS" were trained and evaluated on COCO with these labels.
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+VOC_COCO_CATEGORY_IDS = (5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
+
+
+class CocoVOCSemantic(CocoSemantic):
+    """COCO images labelled with the 20 PASCAL VOC classes, the way torchvision scores its models.
+
+    torchvision publishes mIoU for ``fcn_resnet50`` (60.5), ``deeplabv3_resnet50`` (66.4), ... on
+    COCO val2017 restricted to the VOC classes; reproducing those numbers needs the same labels:
+
+    - annotations of the other 60 COCO categories are dropped (their pixels become background);
+    - every kept annotation, crowd regions included, paints its VOC label (1..20);
+    - a pixel covered by two or more kept annotations is ambiguous and set to 255 (ignored).
+
+    Item: ``(image, {"semantic": tv_tensors.Mask int64 [H, W], "image_id": int})``;
+    ``class_names`` is :data:`VOC_CLASSES` and ``num_classes`` 21, whatever the file holds.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | os.PathLike,
+        ann_file: str | os.PathLike,
+        transforms: Callable | None = None,
+    ) -> None:
+        super().__init__(image_dir, ann_file, transforms)
+        self.class_names = list(VOC_CLASSES)
+        self.num_classes = len(VOC_CLASSES)
+        voc_label_of_cat = {cat_id: voc for voc, cat_id in enumerate(VOC_COCO_CATEGORY_IDS, start=1)}
+        # contiguous label of the instance file -> VOC label (0 for categories VOC does not have)
+        table = torch.zeros(len(self.instances.label_to_cat_id) + 1, dtype=torch.int64)
+        for label, cat_id in self.instances.label_to_cat_id.items():
+            table[label] = voc_label_of_cat.get(cat_id, 0)
+        self.voc_label_of_label = table
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        image = self.instances.load_image(index)
+        instances = self.instances.load_target(index)
+        height, width = image.shape[-2:]
+        voc_labels = self.voc_label_of_label[instances["labels"]]  # [N]
+        kept = voc_labels > 0
+        masks = instances["masks"][kept].bool()  # [M, H, W]
+        semantic = torch.zeros((height, width), dtype=torch.int64)
+        if len(masks):
+            semantic = (masks.long() * voc_labels[kept][:, None, None]).amax(0)
+            semantic[masks.sum(0) > 1] = IGNORE_INDEX
+        target = {"semantic": tv_tensors.Mask(semantic), "image_id": instances["image_id"]}
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
