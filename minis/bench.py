@@ -1,0 +1,342 @@
+"""Benchmarks: the semantic models side by side, and minis against torchvision.
+
+``python -m minis bench semantic`` (a thin wrapper around this module) prints two tables:
+
+1. :func:`bench_semantic` trains every model of :data:`SEMANTIC_MODELS` on the semantic variant
+   of the shapes benchmark with the same budget (data, epochs, optimizer, schedule, seed) and
+   reports its parameters, CPU inference time per image, training throughput and validation mIoU;
+2. :func:`bench_ports` times the models that have a torchvision twin (FCN and DeepLabV3 on
+   ResNet-50/101) against torchvision with the same weights, on the same input, in one run.
+
+>>> rows = bench_semantic("data/shapes_semantic", models=["baseline_fcn", "fcn8s"], epochs=2)
+>>> print(format_table(rows, SEMANTIC_COLUMNS))
+
+Timing rules, so that two numbers in one table can be compared:
+
+- inference: eval mode, ``torch.no_grad()``, one image, on the CPU, a few warm-up calls (the
+  first calls allocate memory and pick kernels) and then the *median* of many calls, which a
+  single hiccup of a busy machine does not move;
+- minis against torchvision: the two calls alternate (A B A B ...), so a change of machine load
+  during the measurement hits both equally;
+- ``torch.set_num_threads`` is left as it is: the numbers are those of the caller's setting.
+  On a machine shared with other busy processes, several threads per process can be much slower
+  than one (threads wait for each other); the load average printed beside the tables says
+  how quiet the machine was.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+# The models the benchmark trains, in the order the book introduces them, at widths a 2-core CPU
+# trains in a minute or two each. Every model not listed here uses its builder's defaults.
+SEMANTIC_MODELS: list[tuple[str, dict[str, Any]]] = [
+    ("baseline_fcn", {}),
+    ("fcn32s", {}),
+    ("fcn16s", {}),
+    ("fcn8s", {}),
+    ("unet", {"width": 8}),
+    ("deeplabv1", {"head_channels": 128}),
+    ("deeplabv2", {"head_channels": 64}),
+    ("deeplabv3", {"head_channels": 64}),
+    ("deeplabv3plus", {"head_channels": 64}),
+    ("pspnet", {"head_channels": 64}),
+]
+
+# The semantic variant of the shapes benchmark: plain colours and one or two large objects per
+# image, which the small models learn in a few CPU minutes (see minis.data.make_shapes).
+SEMANTIC_SHAPES: dict[str, Any] = {"size_range": (0.3, 0.55), "max_objects": 2, "textures": False}
+
+# torchvision builders of the models minis can port (minis.models.from_torchvision).
+PORTED_MODELS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101")
+
+# (row key, format spec) of the two printed tables.
+SEMANTIC_COLUMNS = [("model", ""), ("args", ""), ("params", ",d"), ("cpu_ms", ".2f"),
+                    ("train_img_per_s", ".1f"), ("mIoU", ".4f")]
+PORT_COLUMNS = [("model", ""), ("input", ""), ("minis_ms", ".1f"), ("torchvision_ms", ".1f"), ("ratio", ".3f"),
+                ("max_abs_diff", ".1e")]
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of learnable numbers in ``model`` (frozen parameters included, buffers not)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def interleaved_median_ms(calls: Sequence[Callable[[], Any]], runs: int, warmup: int = 1) -> list[float]:
+    """Median wall time in milliseconds of each of ``calls``, measured in alternation.
+
+    Every round calls each function once, in order (A B A B ...), ``warmup`` rounds untimed
+    then ``runs`` timed ones: a slow spell of the machine lands on all calls alike, and the
+    median ignores the rounds it spoiled.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    times: list[list[float]] = [[] for _ in calls]
+    for round_index in range(warmup + runs):
+        for call, seconds in zip(calls, times):
+            start = time.perf_counter()
+            call()
+            if round_index >= warmup:
+                seconds.append(time.perf_counter() - start)
+    return [1000 * statistics.median(seconds) for seconds in times]
+
+
+@torch.no_grad()
+def inference_ms(model: nn.Module, image_size: int, runs: int = 20, warmup: int = 3) -> float:
+    """Median CPU time in milliseconds of ``model`` on one ``[1,3,S,S]`` image, eval mode, no gradients.
+
+    The model is moved to the CPU (where it stays) and put back in its previous train/eval mode.
+    """
+    was_training = model.training
+    model.cpu().eval()
+    image = torch.rand(1, 3, image_size, image_size)
+    try:
+        (milliseconds,) = interleaved_median_ms([lambda: model(image)], runs, warmup)
+    finally:
+        model.train(was_training)
+    return milliseconds
+
+
+def machine_note() -> str:
+    """One line on what the timings ran on: torch version, threads, CPUs and the load average."""
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+            f"load average (1, 5, 15 min) {load}")
+
+
+# --------------------------------------------------------------------------------------------
+# The semantic models on the shapes benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_models(models: Sequence[str | tuple[str, dict[str, Any]]] | None) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, builder kwargs)`` pairs; a bare name gets its :data:`SEMANTIC_MODELS` kwargs (or none).
+
+    Raises:
+        ValueError: a name that is not registered, or the name of an instance model.
+        TypeError: kwargs the model's builder does not take.
+    """
+    import minis.models
+
+    defaults = dict(SEMANTIC_MODELS)
+    resolved = []
+    for entry in models if models is not None else list(defaults):
+        name, kwargs = (entry, dict(defaults.get(entry, {}))) if isinstance(entry, str) else (entry[0], dict(entry[1]))
+        if name not in minis.models.list_models():
+            raise ValueError(f"unknown model {name!r}; available: {', '.join(minis.models.list_models())}")
+        resolved.append((name, kwargs))
+    for name, kwargs in resolved:  # refuse a bad choice now, not after an hour of training the others
+        task = minis.models.build(name, num_classes=2, **kwargs).task
+        if task != "semantic":
+            raise ValueError(f"{name!r} is an {task} model; the benchmark trains semantic models")
+    return resolved
+
+
+def _train_and_measure(name: str, kwargs: dict[str, Any], train_set, val_set, config, image_size: int,
+                       inference_runs: int) -> dict:
+    """One row of :func:`bench_semantic`: build (seeded), train, evaluate, time."""
+    import minis.models
+    from minis.engine import Trainer
+
+    torch.manual_seed(config.seed)  # every model starts from the same random stream
+    model = minis.models.build(name, num_classes=train_set.num_classes, **kwargs)
+    trainer = Trainer(model, train_set, val_set, config, out_dir=None)
+    start = time.perf_counter()
+    trainer.fit()
+    train_seconds = time.perf_counter() - start
+    metrics = trainer.evaluate()
+    return {
+        "model": name,
+        "args": ", ".join(f"{key}={value}" for key, value in kwargs.items()),
+        "params": count_parameters(model),
+        "cpu_ms": inference_ms(model, image_size, runs=inference_runs),
+        # a single process sees every training image once per epoch
+        "train_img_per_s": config.epochs * len(train_set) / train_seconds,
+        "mIoU": float(metrics["mIoU"]),
+        "pixel_accuracy": float(metrics["pixel_accuracy"]),
+        "train_seconds": train_seconds,
+        "epochs": config.epochs,
+    }
+
+
+def bench_semantic(
+    root: str | os.PathLike = "data/shapes_semantic",
+    models: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+    *,
+    epochs: int = 8,
+    batch_size: int = 16,
+    image_size: int = 128,
+    num_train: int = 1000,
+    num_val: int = 200,
+    lr: float = 3e-3,
+    warmup_iters: int = 50,
+    seed: int = 0,
+    inference_runs: int = 20,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train each semantic model on the shapes benchmark with the same budget; one row per model.
+
+    The data is the semantic shapes variant (:data:`SEMANTIC_SHAPES`, ``image_size`` pixels,
+    ``num_train``/``num_val`` images), generated in ``root`` the first time and reused after.
+    Every model is built from the same seed and trained by the :class:`~minis.engine.Trainer`
+    with one recipe: AdamW at ``lr``, ``warmup_iters`` of linear warmup then the poly schedule,
+    horizontal flips, ``epochs`` epochs of ``batch_size`` images, no evaluation until the end.
+
+    The defaults (10 models, 8 epochs of 1000 images) aim at 15-20 minutes for the whole
+    benchmark on a 2-core CPU.
+
+    Args:
+        root: folder of the benchmark data (``make_shapes`` raises ``ValueError`` if it holds a
+            shapes benchmark generated with other settings).
+        models: names (their :data:`SEMANTIC_MODELS` kwargs, or the builder's defaults) or
+            ``(name, kwargs)`` pairs; default :data:`SEMANTIC_MODELS`.
+        inference_runs: timed calls per model for ``cpu_ms``.
+        device: where the models train and are evaluated; inference is always timed on the CPU.
+        progress: progress bars and a line per model.
+
+    Returns:
+        One dict per model: ``model``, ``args`` (builder kwargs as text), ``params``,
+        ``cpu_ms`` (median CPU milliseconds per ``[1,3,S,S]`` image), ``train_img_per_s``
+        (training images seen / wall time of ``fit``), ``mIoU`` and ``pixel_accuracy`` on the
+        validation set, ``train_seconds``, ``epochs``.
+    """
+    from torchvision.transforms import v2
+
+    from minis.data import build_datasets, make_shapes
+    from minis.engine import TrainConfig
+
+    chosen = resolve_models(models)
+    make_shapes(root, image_size=image_size, num_train=num_train, num_val=num_val, progress=progress,
+                **SEMANTIC_SHAPES)
+    train_set, val_set = build_datasets("shapes", root, "semantic", train_transforms=v2.RandomHorizontalFlip(),
+                                        progress=progress)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer="adamw", schedule="poly",
+                         warmup_iters=warmup_iters, eval_every=0, device=device, seed=seed, progress=progress)
+    rows = []
+    for index, (name, kwargs) in enumerate(chosen, start=1):
+        if progress:
+            print(f"[{index}/{len(chosen)}] {name} {kwargs or ''}", flush=True)
+        rows.append(_train_and_measure(name, kwargs, train_set, val_set, config, image_size, inference_runs))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# minis against torchvision, same weights
+# --------------------------------------------------------------------------------------------
+
+
+def _torchvision_with_normalisation(tv_model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images in 0..1 -> logits`` through torchvision's model, ImageNet normalisation included.
+
+    torchvision's models expect normalised images (its preset transforms normalise); minis
+    normalises inside ``forward``. Timing this function against the minis model compares the
+    same work.
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    from minis.nn.layers import IMAGENET_MEAN, IMAGENET_STD
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return tv_model(F.normalize(images, list(IMAGENET_MEAN), list(IMAGENET_STD)))["out"]
+
+    return run
+
+
+@torch.no_grad()
+def _compare_port(name: str, size: int, runs: int, warmup: int, seed: int) -> dict:
+    """One row of :func:`bench_ports`."""
+    import torchvision.models.segmentation as segmentation
+
+    import minis.models
+
+    torch.manual_seed(seed)
+    # Random weights: the time of a forward pass does not depend on their values.
+    tv_model = getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=21, aux_loss=False).eval()
+    ours = minis.models.from_torchvision(tv_model).eval()
+    reference = _torchvision_with_normalisation(tv_model)
+    images = torch.rand(1, 3, size, size)
+    max_abs_diff = (ours(images) - reference(images)).abs().max().item()
+    minis_ms, torchvision_ms = interleaved_median_ms([lambda: ours(images), lambda: reference(images)], runs, warmup)
+    return {
+        "model": name,
+        "input": "x".join(str(side) for side in images.shape),
+        "minis_ms": minis_ms,
+        "torchvision_ms": torchvision_ms,
+        "ratio": minis_ms / torchvision_ms,
+        "max_abs_diff": max_abs_diff,
+    }
+
+
+def bench_ports(
+    names: Sequence[str] = PORTED_MODELS,
+    sizes: Sequence[int] = (256,),
+    *,
+    runs: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """CPU inference time of minis and torchvision with the same weights, measured in one run.
+
+    For each torchvision builder in ``names`` (default :data:`PORTED_MODELS`) and each square
+    input side in ``sizes``: build it with random weights (21 classes, no auxiliary head), port it
+    with :func:`minis.models.from_torchvision`, check that both give the same logits on one
+    random image ``[1,3,S,S]`` and time both on it, alternating, ``warmup`` rounds then the median
+    of ``runs``. A ResNet-101 forward pass at 256 pixels takes about a second on a 2-core CPU, so
+    the defaults keep this to a minute or two.
+
+    Returns:
+        One dict per (model, size): ``model``, ``input`` (e.g. ``"1x3x256x256"``), ``minis_ms``,
+        ``torchvision_ms``, ``ratio`` (minis / torchvision; the target is at most 1) and
+        ``max_abs_diff`` (largest absolute difference between the two models' logits).
+    """
+    import torchvision.models.segmentation as segmentation
+
+    unknown = [name for name in names if name not in PORTED_MODELS or not hasattr(segmentation, name)]
+    if unknown:
+        raise ValueError(f"no port to benchmark for {', '.join(unknown)}; choose from {', '.join(PORTED_MODELS)}")
+    rows = []
+    for name in names:
+        for size in sizes:
+            if progress:
+                print(f"timing {name} at {size}x{size} against torchvision", flush=True)
+            rows.append(_compare_port(name, size, runs, warmup, seed))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Printing
+# --------------------------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[str, str]]) -> str:
+    """An aligned text table of ``rows``: one line per row, one column per key.
+
+    ``columns`` holds row keys or ``(key, format spec)`` pairs, e.g. ``("params", ",d")``.
+    Numbers are right-aligned, text left-aligned; a missing value prints as ``-``.
+    """
+    specs = [(column, "") if isinstance(column, str) else column for column in columns]
+    cells = [[key for key, _ in specs]]
+    for row in rows:
+        cells.append([format(row[key], spec) if row.get(key) is not None else "-" for key, spec in specs])
+    widths = [max(len(line[index]) for line in cells) for index in range(len(specs))]
+    numeric = [any(isinstance(row.get(key), (int, float)) for row in rows) for key, _ in specs]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(value.rjust(width) if right else value.ljust(width)
+                         for value, width, right in zip(values, widths, numeric)).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(cells[0]), rule, *(line(values) for values in cells[1:])])
