@@ -1,4 +1,4 @@
-"""The command line: ``python -m minis`` (or ``minis``) with four commands.
+"""The command line: ``python -m minis`` (or ``minis``) with five commands.
 
 ::
 
@@ -8,6 +8,7 @@
     python -m minis train baseline_fcn --data shapes --data-root data/shapes --epochs 5 --out runs/demo
     python -m minis eval runs/demo/last.pt                      # metrics on the validation set
     python -m minis predict runs/demo/last.pt image.png --out runs/demo/predictions
+    python -m minis bench semantic                              # every semantic model, one table
 
 ``train`` also runs under ``torchrun --nproc_per_node N -m minis train ...`` (one process per
 GPU, or N CPU processes). Mistakes in a command (unknown model, missing data or checkpoint) are
@@ -275,6 +276,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_semantic(args: argparse.Namespace) -> int:
+    import json
+
+    from minis import bench
+
+    rows: dict[str, list] = {"semantic": [], "ports": []}
+    if not args.ports_only:
+        options = {name: getattr(args, name) for name in ("epochs", "num_train", "num_val", "image_size")
+                   if getattr(args, name) is not None}
+        try:
+            models = bench.resolve_models(args.models)
+        except (ValueError, TypeError) as error:  # an unknown or instance model
+            raise UserError(str(error)) from error
+        try:
+            rows["semantic"] = bench.bench_semantic(args.root, models, device=args.device, **options)
+        except (ValueError, FileExistsError) as error:  # data of other settings in --root, --epochs 0, ...
+            raise UserError(str(error)) from error
+        print(f"\nsemantic models on the shapes benchmark ({args.root}):")
+        print(bench.format_table(rows["semantic"], bench.SEMANTIC_COLUMNS))
+    if not args.no_ports:
+        try:
+            rows["ports"] = bench.bench_ports(args.port_models or bench.PORTED_MODELS, sizes=args.port_sizes,
+                                              runs=args.port_runs)
+        except ValueError as error:  # a model without a port
+            raise UserError(str(error)) from error
+        print("\nCPU inference, minis against torchvision with the same weights (ratio = minis / torchvision):")
+        print(bench.format_table(rows["ports"], bench.PORT_COLUMNS))
+    note = bench.machine_note()
+    print(f"\n{note}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**rows, "machine": note}, indent=2) + "\n", encoding="utf-8")
+        print(f"rows written to {args.json}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------
@@ -282,7 +319,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minis", description="Image segmentation from FCN to CondInst.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{data,train,eval,predict}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{data,train,eval,predict,bench}")
 
     data = commands.add_parser("data", help="generate, download or convert datasets")
     sources = data.add_subparsers(dest="source", required=True, metavar="{shapes,coco,labelme2coco}")
@@ -347,6 +384,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--score-threshold", type=float, default=0.5, help="instance models: detections shown")
     predict.add_argument("--device", default="auto")
     predict.set_defaults(handler=cmd_predict)
+
+    bench = commands.add_parser("bench", help="compare models: size, speed and accuracy in one table")
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="{semantic}")
+    semantic = suites.add_parser("semantic", help="train every semantic model on shapes; minis vs torchvision speed")
+    semantic.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
+    semantic.add_argument("--models", nargs="+", metavar="MODEL", help="default: all of minis.bench.SEMANTIC_MODELS")
+    semantic.add_argument("--epochs", type=int, help="training epochs per model (default: bench_semantic's)")
+    semantic.add_argument("--num-train", type=int, help="training images")
+    semantic.add_argument("--num-val", type=int, help="validation images")
+    semantic.add_argument("--image-size", type=int, help="side of the benchmark images (default 128)")
+    semantic.add_argument("--device", default="cpu", help="where the models train (inference is timed on the CPU)")
+    ports = semantic.add_mutually_exclusive_group()
+    ports.add_argument("--no-ports", action="store_true", help="skip the minis vs torchvision timing")
+    ports.add_argument("--ports-only", action="store_true", help="only the minis vs torchvision timing")
+    semantic.add_argument("--port-models", nargs="+", metavar="TV_MODEL",
+                          help="torchvision models to time (default: all of minis.bench.PORTED_MODELS)")
+    semantic.add_argument("--port-sizes", type=int, nargs="+", default=[256], metavar="SIZE",
+                          help="input sides for the port timing (default: 256)")
+    semantic.add_argument("--port-runs", type=int, default=3, help="timed forward passes per port (median)")
+    semantic.add_argument("--json", metavar="OUT", help="also write every row to this JSON file")
+    semantic.set_defaults(handler=cmd_bench_semantic)
     return parser
 
 
