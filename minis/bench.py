@@ -19,9 +19,10 @@ Timing rules, so that two numbers in one table can be compared:
 - minis against torchvision: the two calls alternate (A B A B ...), so a change of machine load
   during the measurement hits both equally;
 - ``torch.set_num_threads`` is left as it is: the numbers are those of the caller's setting.
-  On a machine shared with other busy processes, several threads per process can be much slower
-  than one (threads wait for each other); the load average printed beside the tables says
-  how quiet the machine was.
+  On a machine shared with other busy processes, several threads per process can be many times
+  slower than one (each parallel region waits for its slowest thread, which is waiting for a
+  core); there, ``OMP_NUM_THREADS=1 python -m minis bench semantic`` gives steadier numbers.
+  The load average printed under the tables says how quiet the machine was.
 """
 
 from __future__ import annotations
