@@ -47,3 +47,24 @@ def test_baseline_training_step_lowers_the_loss() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+SEMANTIC_NAMES = ("fcn32s", "fcn16s", "fcn8s", "unet", "deeplabv1", "deeplabv2", "deeplabv3", "deeplabv3plus", "pspnet")
+
+
+@pytest.mark.parametrize("name", SEMANTIC_NAMES)
+def test_every_semantic_model_keeps_the_contract(name: str) -> None:
+    """Default build: logits at input size in eval, a dict of finite losses in training."""
+    assert name in minis.models.list_models()
+    torch.manual_seed(0)
+    model = minis.models.build(name, num_classes=7)
+    assert model.task == "semantic" and model.build_args["name"] == name
+    images = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        assert model.eval()(images).shape == (2, 7, 96, 96)
+    targets = torch.randint(0, 7, (2, 96, 96))
+    targets[:, :10] = 255
+    losses = model.train()(images, targets)
+    assert "loss_ce" in losses and all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
