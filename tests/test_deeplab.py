@@ -179,13 +179,24 @@ def test_deeplabv3plus_decodes_at_stride_4_with_48_low_level_channels() -> None:
         assert model.head(features).shape[-2:] == features["c2"].shape[-2:] == (25, 19)
 
 
-def test_auxiliary_loss_only_in_training() -> None:
+@pytest.mark.parametrize("name,weight", [("deeplabv3", 0.5), ("deeplabv3plus", 0.4)])
+def test_auxiliary_loss_only_in_training(name: str, weight: float) -> None:
     torch.manual_seed(0)
     images, targets = torch.rand(2, 3, 48, 48), torch.randint(0, 3, (2, 48, 48))
-    with_aux = minis.models.build("deeplabv3", num_classes=3, aux=True)
-    assert set(with_aux.train()(images, targets)) == {"loss_ce", "loss_aux"}
+    with_aux = minis.models.build(name, num_classes=3, aux=True)
+    for module in with_aux.modules():  # no dropout, so that the loss can be recomputed below
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    losses = with_aux.train()(images, targets)
+    assert set(losses) == {"loss_ce", "loss_aux"}
+    with torch.no_grad():  # the auxiliary loss is the aux head's cross-entropy times the weight
+        features = with_aux.backbone(with_aux.normalize(images))
+        aux_logits = torch.nn.functional.interpolate(with_aux.aux_head(features["c4"]), size=(48, 48),
+                                                     mode="bilinear", align_corners=False)
+    expected = weight * torch.nn.functional.cross_entropy(aux_logits, targets)
+    assert torch.allclose(losses["loss_aux"], expected, rtol=1e-4)
     assert with_aux.eval()(images, targets).shape == (2, 3, 48, 48)  # eval: logits, aux head unused
-    assert set(minis.models.build("deeplabv3", num_classes=3).train()(images, targets)) == {"loss_ce"}
+    assert set(minis.models.build(name, num_classes=3).train()(images, targets)) == {"loss_ce"}
 
 
 # --------------------------------------------------------------------------- torchvision parity

@@ -100,6 +100,24 @@ def test_one_training_step_lowers_the_loss() -> None:
         assert model(images, targets)["loss_ce"] < 0.97 * losses["loss_ce"]
 
 
+def test_deep_supervision_classifies_the_bottom_of_the_u() -> None:
+    torch.manual_seed(0)
+    images, targets = torch.rand(2, 3, 40, 56), torch.randint(0, 3, (2, 40, 56))
+    model = minis.models.build("unet", num_classes=3, depth=3, width=4, aux_weight=0.4).train()
+    bottom = {}
+    model.encoder[3].register_forward_hook(lambda module, inputs, output: bottom.setdefault("map", output))
+    losses = model(images, targets)
+    assert set(losses) == {"loss_ce", "loss_aux"}
+    assert bottom["map"].shape == (2, 32, 5, 7)  # 40x56 is already a multiple of 8: no padding
+    with torch.no_grad():
+        aux_logits = torch.nn.functional.interpolate(model.aux_classifier(bottom["map"]), size=(40, 56),
+                                                     mode="bilinear", align_corners=False)
+    expected = 0.4 * torch.nn.functional.cross_entropy(aux_logits, targets)
+    assert torch.allclose(losses["loss_aux"], expected, rtol=1e-4)
+    assert model.eval()(images).shape == (2, 3, 40, 56)
+    assert minis.models.build("unet", num_classes=3).aux_classifier is None  # off by default, as in the paper
+
+
 def test_bad_depth_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one downsampling"):
         minis.models.build("unet", num_classes=3, depth=0)
