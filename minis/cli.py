@@ -169,6 +169,7 @@ def _train_config(args: argparse.Namespace):
         "num_workers": args.workers,
         "seed": args.seed,
         "amp": not args.no_amp,
+        "channels_last": args.channels_last,
         "clip_grad_norm": args.clip_grad,
         "eval_every": args.eval_every,
     }
@@ -363,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    train.add_argument("--channels-last", action="store_true", help="NHWC weights and activations (faster CNNs)")
     train.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (0: never)")
     train.add_argument("--crop-size", type=int, help="semantic training crop (default: per dataset)")
     train.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",

@@ -177,6 +177,10 @@ def test_deeplabv3plus_decodes_at_stride_4_with_48_low_level_channels() -> None:
         features = model.backbone(model.normalize(torch.rand(1, 3, 97, 75)))
         assert model.head.reduce[0].out_channels == 48
         assert model.head(features).shape[-2:] == features["c2"].shape[-2:] == (25, 19)
+    # narrower heads keep the paper's 48:256 ratio of low-level to encoder channels, unless told otherwise
+    assert minis.models.build("deeplabv3plus", num_classes=3, head_channels=64).head.reduce[0].out_channels == 12
+    explicit = minis.models.build("deeplabv3plus", num_classes=3, head_channels=64, low_level_channels=48)
+    assert explicit.head.reduce[0].out_channels == 48
 
 
 @pytest.mark.parametrize("name,weight", [("deeplabv3", 0.5), ("deeplabv3plus", 0.4)])

@@ -329,6 +329,24 @@ def test_trainer_learns_logs_and_checkpoints(tmp_path):
         assert torch.equal(checkpoint["model"][name], value)
 
 
+def test_channels_last_trains_the_same_model_in_another_layout(tmp_path):
+    reference = baseline()
+    Trainer(reference, Squares(16), None, config(epochs=2)).fit()
+    model = baseline()
+    trainer = Trainer(model, Squares(16), None, config(epochs=2, channels_last=True), out_dir=tmp_path)
+    convolution = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
+    assert convolution.weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.fit()
+    for name, value in reference.state_dict().items():  # same arithmetic, summed in another order
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-3, atol=1e-4)
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["config"]["channels_last"] is True
+    resumed = baseline()  # a checkpoint written in NHWC loads into a fresh NCHW model
+    resumed.load_state_dict(checkpoint["model"])
+    images = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(resumed.eval()(images), model.eval()(images), rtol=1e-4, atol=1e-5)
+
+
 def test_semantic_evaluation_matches_an_independent_confusion_matrix():
     model = baseline()
     Trainer(model, Squares(16), None, config(epochs=2)).fit()
