@@ -80,3 +80,16 @@ def test_book_builds_offline_with_local_mathjax(tmp_path: Path) -> None:
     for page in pages_with_math:
         scripts = re.findall(r'<script[^>]*src="([^"]*mathjax[^"]*)"', page.read_text())
         assert scripts and all(s.startswith(("_static", "../")) for s in scripts), f"{page}: MathJax not served locally: {scripts}"
+
+
+def test_stored_progress_bars_keep_what_a_terminal_shows() -> None:
+    sys.path.insert(0, str(BOOK.parent / "tools"))
+    try:
+        from execute_notebooks import terminal_view
+    finally:
+        sys.path.pop(0)
+    assert terminal_view("train:  50%|#    |\rtrain: 100%|#####|\nfit done") == "train: 100%|#####|\nfit done"
+    # tqdm's leave=False bar overwrites itself with spaces when it closes: nothing remains
+    assert terminal_view("eval: 10%\reval: 96% 192/200\r" + " " * 20 + "\r") == ""
+    assert terminal_view("eval: 96% 192/200\r\nnext") == "eval: 96% 192/200\nnext"
+    assert terminal_view("long line here\rshort") == "shortline here"  # overwritten, not replaced

@@ -20,15 +20,19 @@ from nbclient import NotebookClient
 
 
 def terminal_view(text: str) -> str:
-    """``text`` as a terminal leaves it: on each line only what follows the last carriage return."""
+    """``text`` as a terminal leaves it: a carriage return moves back to the line's start, and what
+    follows overwrites the characters already there (a bar that clears itself with spaces, as
+    tqdm's ``leave=False`` does, leaves an empty line, which is dropped)."""
     lines = []
     for line in text.split("\n"):
         if "\r" not in line:
             lines.append(line)
             continue
-        shown = next((part for part in reversed(line.split("\r")) if part.strip()), "")
-        if shown:  # a bar that cleared itself (leave=False) leaves nothing
-            lines.append(shown)
+        screen = ""
+        for part in line.split("\r"):
+            screen = part + screen[len(part):]
+        if screen.strip():
+            lines.append(screen.rstrip())
     return "\n".join(lines)
 
 
