@@ -42,7 +42,7 @@ SEMANTIC_MODELS: list[tuple[str, dict[str, Any]]] = [
     ("fcn32s", {}),
     ("fcn16s", {}),
     ("fcn8s", {}),
-    ("unet", {"width": 8}),
+    ("unet", {"width": 8, "aux_weight": 0.4}),  # deep supervision, as in the U-Net chapter
     ("deeplabv1", {"head_channels": 128}),
     ("deeplabv2", {"head_channels": 64}),
     ("deeplabv3", {"head_channels": 64}),
@@ -176,7 +176,7 @@ def bench_semantic(
     root: str | os.PathLike = "data/shapes_semantic",
     models: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
     *,
-    epochs: int = 8,
+    epochs: int = 10,
     batch_size: int = 16,
     image_size: int = 128,
     num_train: int = 1000,
@@ -227,7 +227,8 @@ def bench_semantic(
     train_set, val_set = build_datasets("shapes", root, "semantic", train_transforms=v2.RandomHorizontalFlip(),
                                         progress=progress)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer="adamw", schedule="poly",
-                         warmup_iters=warmup_iters, eval_every=0, device=device, seed=seed, progress=progress)
+                         warmup_iters=warmup_iters, eval_every=0, device=device, seed=seed, progress=progress,
+                         channels_last=True)
     rows = []
     for index, (name, kwargs) in enumerate(chosen, start=1):
         if progress:
