@@ -196,10 +196,9 @@ def bench_semantic(
     with one recipe: AdamW at ``lr``, ``warmup_iters`` of linear warmup then the poly schedule,
     horizontal flips, ``epochs`` epochs of ``batch_size`` images, no evaluation until the end.
 
-    With the defaults (10 models, 8 epochs of 1000 images, then :func:`bench_ports`) the whole
-    ``python -m minis bench semantic`` used 14.3 CPU-minutes with one thread: about 15 minutes
-    on a quiet 2-core CPU. Measured on one shared with three other training jobs (load average
-    about 6) it took 30 minutes; U-Net takes a quarter of the time, the FCNs the least.
+    With the defaults (10 models, 10 epochs of 1000 images in ``channels_last``, then
+    :func:`bench_ports`) the whole ``python -m minis bench semantic`` took 8 minutes 16 seconds
+    on a quiet 2-core CPU (peak memory 1.4 GB); U-Net takes the longest, the FCNs the least.
 
     Args:
         root: folder of the benchmark data (``make_shapes`` raises ``ValueError`` if it holds a
