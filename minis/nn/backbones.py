@@ -73,7 +73,9 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
+        out = self.bn2(self.conv2(out))
+        out += identity  # in place: no new buffer (BN's backward needs its input, not its output)
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -100,7 +102,9 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
+        out = self.bn3(self.conv3(out))
+        out += identity  # in place: no new buffer (BN's backward needs its input, not its output)
+        return self.relu(out)
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int, norm: Callable) -> nn.Module | None:
