@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="torchvision models to time (default: all of minis.bench.PORTED_MODELS)")
     semantic.add_argument("--port-sizes", type=int, nargs="+", default=[256], metavar="SIZE",
                           help="input sides for the port timing (default: 256)")
-    semantic.add_argument("--port-runs", type=int, default=3, help="timed forward passes per port (median)")
+    semantic.add_argument("--port-runs", type=int, default=7, help="timed forward passes per port (median)")
     semantic.add_argument("--json", metavar="OUT", help="also write every row to this JSON file")
     semantic.set_defaults(handler=cmd_bench_semantic)
     return parser
