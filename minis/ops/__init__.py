@@ -1,5 +1,19 @@
 """Box and RoI operations in plain, vectorised PyTorch with ``torchvision.ops`` signatures.
 
-They arrive with the detection chapters (IoU, box coding, anchors, NMS, RoIPool, RoIAlign),
-each tested equal to torchvision's compiled kernel.
+Each is tested equal to torchvision's implementation (tests/test_ops.py); the detection chapters
+show these plain versions.
 """
+
+from minis.ops.boxes import (
+    BBOX_XFORM_CLIP,
+    BoxCoder,
+    box_area,
+    box_iou,
+    clip_boxes_to_image,
+    generalized_box_iou,
+    remove_small_boxes,
+)
+from minis.ops.nms import batched_nms, nms
+
+__all__ = ["BBOX_XFORM_CLIP", "BoxCoder", "batched_nms", "box_area", "box_iou", "clip_boxes_to_image",
+           "generalized_box_iou", "nms", "remove_small_boxes"]

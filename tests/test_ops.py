@@ -1,0 +1,151 @@
+"""minis.ops against torchvision: the same numbers on random boxes and on the edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision.ops as tv_ops
+from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
+
+import minis.ops as ops
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def random_boxes(n: int, seed: int, size: float = 100.0, max_side: float = 40.0) -> torch.Tensor:
+    """``[n,4]`` valid boxes (x1 <= x2, y1 <= y2) inside a ``size`` square, some of them clustered."""
+    generator = torch.Generator().manual_seed(seed)
+    top_left = torch.rand(n, 2, generator=generator) * size
+    sides = torch.rand(n, 2, generator=generator) * max_side
+    return torch.cat([top_left, top_left + sides], dim=1)
+
+
+def degenerate_boxes() -> torch.Tensor:
+    """Zero-width, zero-height, single-point, identical and disjoint boxes, and boxes partly outside."""
+    return torch.tensor([
+        [10.0, 10.0, 10.0, 30.0],  # zero width
+        [10.0, 10.0, 30.0, 10.0],  # zero height
+        [5.0, 5.0, 5.0, 5.0],  # a point
+        [0.0, 0.0, 20.0, 20.0],
+        [0.0, 0.0, 20.0, 20.0],  # identical to the one before
+        [100.0, 100.0, 120.0, 110.0],  # far from the others
+        [-15.0, -5.0, 8.0, 12.0],  # partly outside the image
+    ])
+
+
+# --------------------------------------------------------------------------------------------
+# IoU family
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,m,seed", [(0, 5, 0), (7, 0, 1), (1, 1, 2), (40, 30, 3), (200, 150, 4)])
+def test_box_iou_and_giou_equal_torchvision(n: int, m: int, seed: int) -> None:
+    boxes1, boxes2 = random_boxes(n, seed), random_boxes(m, seed + 100)
+    torch.testing.assert_close(ops.box_area(boxes1), tv_ops.box_area(boxes1), rtol=0, atol=0)
+    torch.testing.assert_close(ops.box_iou(boxes1, boxes2), tv_ops.box_iou(boxes1, boxes2), rtol=0, atol=0)
+    torch.testing.assert_close(ops.generalized_box_iou(boxes1, boxes2), tv_ops.generalized_box_iou(boxes1, boxes2),
+                               rtol=0, atol=0)
+
+
+def test_iou_of_degenerate_boxes_equals_torchvision_including_nan() -> None:
+    boxes = degenerate_boxes()
+    ours, theirs = ops.box_iou(boxes, boxes), tv_ops.box_iou(boxes, boxes)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(ours[2, 2])  # a point against itself: 0 / 0
+    assert ours[3, 4] == 1 and ours[0, 5] == 0
+    torch.testing.assert_close(ops.generalized_box_iou(boxes[3:], boxes[3:]),
+                               tv_ops.generalized_box_iou(boxes[3:], boxes[3:]), rtol=0, atol=0)
+
+
+def test_generalized_iou_goes_negative_for_distant_boxes() -> None:
+    near = ops.generalized_box_iou(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[12.0, 0, 22, 10]]))
+    far = ops.generalized_box_iou(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[50.0, 0, 60, 10]]))
+    assert -1 < far.item() < near.item() < 0  # IoU is 0 for both; GIoU still ranks them
+
+
+def test_clip_and_remove_small_boxes_equal_torchvision() -> None:
+    boxes = torch.cat([random_boxes(50, 5, size=120.0) - 10, degenerate_boxes()])
+    torch.testing.assert_close(ops.clip_boxes_to_image(boxes, (90, 110)), tv_ops.clip_boxes_to_image(boxes, (90, 110)))
+    batched = boxes.reshape(-1, 3, 4)[:, :2]  # any leading shape, as torchvision allows
+    torch.testing.assert_close(ops.clip_boxes_to_image(batched, (50, 60)), tv_ops.clip_boxes_to_image(batched, (50, 60)))
+    for min_size in (0.0, 1e-3, 5.0, 25.0):
+        assert torch.equal(ops.remove_small_boxes(boxes, min_size), tv_ops.remove_small_boxes(boxes, min_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Box coder
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+def test_box_coder_encodes_and_decodes_like_torchvision(weights) -> None:
+    ours, theirs = ops.BoxCoder(weights), TorchvisionBoxCoder(weights)
+    proposals = [random_boxes(30, 6) + 1, random_boxes(0, 7), random_boxes(12, 8) + 1]
+    targets = [random_boxes(30, 9) + 1, random_boxes(0, 10), random_boxes(12, 11) + 1]
+    for mine, reference in zip(ours.encode(targets, proposals), theirs.encode(targets, proposals)):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)
+
+    codes = torch.randn(42, 4 * 3, generator=torch.Generator().manual_seed(12))  # 3 classes per box
+    codes[0, 2] = 50.0  # a huge log-width: must be clamped before exp
+    decoded = ours.decode(codes, proposals)
+    torch.testing.assert_close(decoded, theirs.decode(codes, proposals), rtol=0, atol=0)
+    assert decoded.shape == (42, 3, 4) and torch.isfinite(decoded).all()
+    width = decoded[0, 0, 2] - decoded[0, 0, 0]
+    reference = torch.cat(proposals)[0]
+    assert width == pytest.approx(math.exp(ops.BBOX_XFORM_CLIP) * (reference[2] - reference[0]).item(), rel=1e-5)
+
+
+def test_box_coder_round_trip() -> None:
+    coder = ops.BoxCoder((10.0, 10.0, 5.0, 5.0))
+    anchors, boxes = random_boxes(25, 13), random_boxes(25, 14)
+    anchors[:, 2:] += 5  # sides of 5 to 45 pixels: size ratios stay below the decoding clamp (62.5)
+    boxes[:, 2:] += 5
+    (codes,) = coder.encode([boxes], [anchors])
+    torch.testing.assert_close(coder.decode_single(codes, anchors), boxes, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# NMS
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,seed,threshold", [(0, 0, 0.5), (1, 1, 0.5), (60, 2, 0.5), (300, 3, 0.3),
+                                              (300, 4, 0.7), (800, 5, 0.5)])
+def test_nms_equals_torchvision(n: int, seed: int, threshold: float) -> None:
+    boxes = random_boxes(n, seed, size=150.0, max_side=60.0)  # dense: many overlaps, long chains
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
+    kept = ops.nms(boxes, scores, threshold)
+    assert kept.dtype == torch.int64
+    assert torch.equal(kept, tv_ops.nms(boxes, scores, threshold))
+
+
+def test_nms_with_equal_scores_and_degenerate_boxes_equals_torchvision() -> None:
+    boxes = torch.cat([degenerate_boxes(), random_boxes(40, 6, size=40.0, max_side=30.0)])
+    scores = torch.rand(len(boxes), generator=torch.Generator().manual_seed(7)).mul(4).round() / 4  # 5 values only
+    for threshold in (0.0, 0.3, 0.5, 1.0):
+        assert torch.equal(ops.nms(boxes, scores, threshold), tv_ops.nms(boxes, scores, threshold)), threshold
+    ties = torch.ones(len(boxes))  # every score equal: the order of the input decides
+    assert torch.equal(ops.nms(boxes, ties, 0.5), tv_ops.nms(boxes, ties, 0.5))
+
+
+def test_nms_suppression_is_greedy_not_pairwise() -> None:
+    # A overlaps B, B overlaps C, A does not overlap C: greedy NMS keeps A and C (B is gone, so it
+    # cannot suppress C); dropping every box with any better overlapping box would lose C.
+    boxes = torch.tensor([[0.0, 0, 10, 10], [6.0, 0, 16, 10], [12.0, 0, 22, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert ops.nms(boxes, scores, 0.2).tolist() == [0, 2] == tv_ops.nms(boxes, scores, 0.2).tolist()
+
+
+@pytest.mark.parametrize("n,classes,seed", [(0, 3, 0), (50, 1, 1), (400, 5, 2), (400, 40, 3)])
+def test_batched_nms_equals_torchvision(n: int, classes: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(n, seed, size=150.0, max_side=60.0)
+    scores = torch.rand(n, generator=generator)
+    idxs = torch.randint(0, classes, (n,), generator=generator)
+    kept = ops.batched_nms(boxes, scores, idxs, 0.5)
+    assert torch.equal(kept, tv_ops.batched_nms(boxes, scores, idxs, 0.5))
+    if n:  # boxes of different classes never suppress each other
+        identical = boxes[:1].repeat(classes, 1)
+        assert len(ops.batched_nms(identical, torch.rand(classes), torch.arange(classes), 0.5)) == classes
