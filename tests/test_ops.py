@@ -149,3 +149,37 @@ def test_batched_nms_equals_torchvision(n: int, classes: int, seed: int) -> None
     if n:  # boxes of different classes never suppress each other
         identical = boxes[:1].repeat(classes, 1)
         assert len(ops.batched_nms(identical, torch.rand(classes), torch.arange(classes), 0.5)) == classes
+
+
+# --------------------------------------------------------------------------------------------
+# Anchors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes,ratios,image,maps", [
+    (((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5, (2, 3, 800, 1216),
+     [(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)]),  # Faster R-CNN R50-FPN at 800 px
+    (((128, 256, 512),), ((0.5, 1.0, 2.0),), (1, 3, 96, 130), [(6, 9)]),  # one map, three sizes
+    (((16, 24),), ((0.25, 1.0, 3.0),), (3, 3, 64, 64), [(8, 8)]),
+])
+def test_anchor_generator_equals_torchvision(sizes, ratios, image, maps) -> None:
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    images = ImageList(torch.zeros(image), [tuple(image[-2:])] * image[0])
+    feature_maps = [torch.zeros(image[0], 4, *shape) for shape in maps]
+    ours = ops.AnchorGenerator(sizes, ratios)
+    theirs = TorchvisionAnchorGenerator(sizes, ratios)
+    assert ours.num_anchors_per_location() == theirs.num_anchors_per_location()
+    mine, reference = ours(images, feature_maps), theirs(images, feature_maps)
+    assert len(mine) == len(reference) == image[0]
+    for a, b in zip(mine, reference):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_cell_anchors_keep_the_area_and_set_the_ratio() -> None:
+    base = ops.cell_anchors((64.0,), (0.5, 1.0, 2.0))  # [3,4], zero-centred
+    widths, heights = base[:, 2] - base[:, 0], base[:, 3] - base[:, 1]
+    assert torch.allclose(widths * heights, torch.full((3,), 64.0**2), rtol=0.02)  # rounding to pixels
+    assert torch.allclose(heights / widths, torch.tensor([0.5, 1.0, 2.0]), rtol=0.03)
+    assert torch.equal(base[:, :2], -base[:, 2:])

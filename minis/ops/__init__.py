@@ -4,6 +4,7 @@ Each is tested equal to torchvision's implementation (tests/test_ops.py); the de
 show these plain versions.
 """
 
+from minis.ops.anchors import AnchorGenerator, cell_anchors, grid_anchors
 from minis.ops.boxes import (
     BBOX_XFORM_CLIP,
     BoxCoder,
@@ -15,5 +16,5 @@ from minis.ops.boxes import (
 )
 from minis.ops.nms import batched_nms, nms
 
-__all__ = ["BBOX_XFORM_CLIP", "BoxCoder", "batched_nms", "box_area", "box_iou", "clip_boxes_to_image",
+__all__ = ["AnchorGenerator", "BBOX_XFORM_CLIP", "BoxCoder", "batched_nms", "cell_anchors", "grid_anchors", "box_area", "box_iou", "clip_boxes_to_image",
            "generalized_box_iou", "nms", "remove_small_boxes"]
