@@ -183,3 +183,79 @@ def test_cell_anchors_keep_the_area_and_set_the_ratio() -> None:
     assert torch.allclose(widths * heights, torch.full((3,), 64.0**2), rtol=0.02)  # rounding to pixels
     assert torch.allclose(heights / widths, torch.tensor([0.5, 1.0, 2.0]), rtol=0.03)
     assert torch.equal(base[:, :2], -base[:, 2:])
+
+
+# --------------------------------------------------------------------------------------------
+# RoIPool and RoIAlign
+# --------------------------------------------------------------------------------------------
+
+
+def random_rois(k: int, seed: int, batch: int = 2, extent: float = 40.0) -> torch.Tensor:
+    """``[k,5]`` (batch index, box) with boxes partly outside a 40-pixel image, plus the edge cases."""
+    generator = torch.Generator().manual_seed(seed)
+    top_left = torch.rand(k, 2, generator=generator) * (extent + 20) - 10
+    sides = torch.rand(k, 2, generator=generator) * extent
+    rois = torch.cat([torch.randint(0, batch, (k, 1), generator=generator).float(), top_left, top_left + sides], 1)
+    edge_cases = torch.tensor([
+        [0.0, 5.0, 6.0, 5.0, 6.0],  # zero area
+        [1.0, 3.0, 4.0, 3.0, 30.0],  # zero width
+        [0.0, -30.0, -30.0, -12.0, -15.0],  # entirely outside, above-left
+        [1.0, 50.0, 50.0, 90.0, 70.0],  # entirely outside, below-right
+        [0.0, 0.0, 0.0, 40.0, 40.0],  # the whole image
+        [1.0, 10.5, 10.5, 12.5, 11.5],  # half-pixel coordinates (rounding in RoIPool)
+    ])
+    return torch.cat([rois, edge_cases])
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 4])
+@pytest.mark.parametrize("spatial_scale,output_size", [(1.0, 7), (0.5, (5, 3)), (0.25, (14, 14))])
+def test_roi_align_equals_torchvision(aligned: bool, sampling_ratio: int, spatial_scale: float, output_size) -> None:
+    features = torch.randn(2, 3, 40, 36, generator=torch.Generator().manual_seed(0))
+    rois = random_rois(40, 1)
+    ours = ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    theirs = tv_ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_roi_align_gradients_equal_torchvision() -> None:
+    rois = random_rois(25, 2)
+    grads = []
+    for roi_align in (ops.roi_align, tv_ops.roi_align):
+        features = torch.randn(2, 4, 30, 30, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        output = roi_align(features, rois, (6, 6), 0.5, 0, True)
+        (output * torch.linspace(-1, 1, output.numel()).reshape(output.shape)).sum().backward()
+        grads.append(features.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial_scale,output_size", [(1.0, 7), (0.5, (4, 6)), (1 / 16, (2, 2))])
+def test_roi_pool_equals_torchvision(spatial_scale: float, output_size) -> None:
+    features = torch.randn(2, 3, 40, 36, generator=torch.Generator().manual_seed(4))
+    rois = random_rois(40, 5)
+    ours, theirs = ops.roi_pool(features, rois, output_size, spatial_scale), tv_ops.roi_pool(features, rois, output_size,
+                                                                                          spatial_scale)
+    assert torch.equal(ours, theirs)
+
+
+def test_roi_ops_accept_a_list_of_boxes_per_image_and_no_boxes() -> None:
+    features = torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(6))
+    per_image = [random_boxes(4, 7, size=16.0, max_side=8.0), random_boxes(0, 8), random_boxes(2, 9, size=16.0)]
+    for ours, theirs in ((ops.roi_align, tv_ops.roi_align), (ops.roi_pool, tv_ops.roi_pool)):
+        torch.testing.assert_close(ours(features, per_image, 3), theirs(features, per_image, 3), rtol=1e-5, atol=1e-5)
+        assert ours(features, torch.zeros(0, 5), (3, 5)).shape == (0, 2, 3, 5)
+        assert ours(features, [torch.zeros(0, 4)] * 3, 2).shape == (0, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"\[K, 5\]"):
+        ops.roi_align(features, torch.zeros(3, 4), 2)
+
+
+def test_roi_align_samples_between_cells_where_roi_pool_snaps() -> None:
+    # A ramp along x: RoIAlign of a box shifted by a quarter cell moves by a quarter; RoIPool does not move.
+    features = torch.arange(16.0).repeat(16, 1)[None, None]  # value = x
+    box = torch.tensor([[0.0, 4.0, 4.0, 8.0, 8.0]])
+    shifted = box + torch.tensor([[0.0, 0.25, 0.0, 0.25, 0.0]])
+    align = [ops.roi_align(features, b, 1, sampling_ratio=2, aligned=True) for b in (box, shifted)]
+    pool = [ops.roi_pool(features, b, 1) for b in (box, shifted)]
+    assert (align[1] - align[0]).item() == pytest.approx(0.25)
+    assert torch.equal(pool[0], pool[1])

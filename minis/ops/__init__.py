@@ -15,6 +15,7 @@ from minis.ops.boxes import (
     remove_small_boxes,
 )
 from minis.ops.nms import batched_nms, nms
+from minis.ops.roi import roi_align, roi_pool
 
 __all__ = ["AnchorGenerator", "BBOX_XFORM_CLIP", "BoxCoder", "batched_nms", "cell_anchors", "grid_anchors", "box_area", "box_iou", "clip_boxes_to_image",
-           "generalized_box_iou", "nms", "remove_small_boxes"]
+           "generalized_box_iou", "nms", "remove_small_boxes", "roi_align", "roi_pool"]

@@ -1,0 +1,184 @@
+"""RoI pooling: a fixed-size feature map for every box, whatever its size (Fast/Mask R-CNN).
+
+* ``roi_pool`` (Fast R-CNN) snaps the box to the feature grid, cuts it into ``h x w`` bins whose
+  borders are rounded to whole cells, and max-pools each bin. Every rounding shifts the features
+  against the box by up to one cell: 16 image pixels at stride 16.
+* ``roi_align`` (Mask R-CNN) rounds nothing. Each bin is sampled at a few points of a regular
+  grid, each point bilinearly interpolated from its four neighbouring cells, and the samples are
+  averaged. ``aligned=True`` shifts the box by half a cell first, so that the pixel-centre
+  convention is right (a box from 0 to 1 covers the first cell's centre); ``sampling_ratio=0``
+  picks ``ceil(bin size)`` points per bin side, separately for every box.
+
+Both take the boxes as one ``[K,5]`` tensor (``batch_index, x1, y1, x2, y2``) or as a list of
+``[L_i,4]`` tensors, one per image, with ``torchvision.ops`` signatures. All boxes are processed
+together; only the gathered samples of very many boxes are split into chunks to bound memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+# Upper bound on the elements of one chunk's gathered samples ([K, C, h*gh, w*gw] per corner).
+_CHUNK_ELEMENTS = 2**23
+
+
+def _as_rois(boxes: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``[K,5]`` rows ``(batch_index, x1, y1, x2, y2)`` from either accepted box format."""
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"boxes as one tensor must be [K, 5] (batch index, x1, y1, x2, y2), got {tuple(boxes.shape)}")
+        return boxes.to(dtype)
+    rows = [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
+    return torch.cat(rows).to(dtype) if rows else torch.zeros(0, 5, dtype=dtype)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _sample_coordinates(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor, bins: int,
+                        max_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample positions along one axis: ``[K, bins * max_grid]`` and a validity mask of that shape.
+
+    Box ``k``'s bin ``p`` is sampled at ``start + p * bin + (i + 0.5) * bin / grid[k]`` for
+    ``i < grid[k]``; the positions ``i >= grid[k]`` exist only to give every box the same shape.
+    """
+    p = torch.arange(bins, dtype=start.dtype, device=start.device)[None, :, None]  # [1,bins,1]
+    i = torch.arange(max_grid, dtype=start.dtype, device=start.device)[None, None, :]  # [1,1,G]
+    start, bin_size, grid_f = start[:, None, None], bin_size[:, None, None], grid[:, None, None].to(start.dtype)
+    # the same order of operations as torchvision's kernel, so the samples match to the last bit;
+    # an empty box (grid 0, possible with aligned=True) has no valid sample, and no 0 / 0 either
+    positions = start + p * bin_size + (i + 0.5) * bin_size / grid_f.clamp(min=1)
+    valid = (i < grid_f).expand_as(positions)
+    return positions.reshape(len(start), -1), valid.reshape(len(start), -1)
+
+
+def _bilinear_weights(positions: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """Low/high cell indices and weights for positions along an axis of ``size`` cells.
+
+    torchvision's rules: a sample more than one cell outside the map contributes 0; one within a
+    cell of the border is clamped onto it.
+    """
+    inside = (positions >= -1.0) & (positions <= size)
+    positions = positions.clamp(min=0)
+    low = positions.floor().long()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, size - 1, low)
+    high = torch.where(at_edge, size - 1, low + 1)
+    positions = torch.where(at_edge, low.to(positions.dtype), positions)
+    frac = positions - low
+    return low, high, 1 - frac, frac, inside
+
+
+def _roi_align_chunk(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
+                     spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """:func:`roi_align` for ``rois [K,5]``: ``[K, C, h, w]``."""
+    _, channels, height, width = features.shape
+    pooled_h, pooled_w = output_size
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (rois[:, i] * spatial_scale - offset for i in range(1, 5))
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:  # the original Mask R-CNN code forced boxes to at least one cell
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
+    if sampling_ratio > 0:
+        grid_h = torch.full_like(roi_h, sampling_ratio, dtype=torch.long)
+        grid_w = torch.full_like(roi_w, sampling_ratio, dtype=torch.long)
+    else:  # adaptive: about one sample per feature cell
+        grid_h, grid_w = torch.ceil(roi_h / pooled_h).long(), torch.ceil(roi_w / pooled_w).long()
+    max_gh, max_gw = max(int(grid_h.max()), 1), max(int(grid_w.max()), 1)
+
+    ys, valid_y = _sample_coordinates(y1, bin_h, grid_h, pooled_h, max_gh)  # [K, h*gh]
+    xs, valid_x = _sample_coordinates(x1, bin_w, grid_w, pooled_w, max_gw)  # [K, w*gw]
+    y_low, y_high, wy_low, wy_high, inside_y = _bilinear_weights(ys, height)
+    x_low, x_high, wx_low, wx_high, inside_x = _bilinear_weights(xs, width)
+
+    batch = rois[:, 0].long()[:, None, None, None]  # [K,1,1,1]
+    channel = torch.arange(channels, device=features.device)[None, :, None, None]  # [1,C,1,1]
+
+    def corner(y_index: torch.Tensor, x_index: torch.Tensor) -> torch.Tensor:
+        # advanced indexing broadcasts to [K, C, h*gh, w*gw]
+        return features[batch, channel, y_index[:, None, :, None], x_index[:, None, None, :]]
+
+    w = lambda a, b: (a[:, :, None] * b[:, None, :])[:, None]  # [K,1,h*gh,w*gw]
+    values = (w(wy_low, wx_low) * corner(y_low, x_low) + w(wy_low, wx_high) * corner(y_low, x_high)
+              + w(wy_high, wx_low) * corner(y_high, x_low) + w(wy_high, wx_high) * corner(y_high, x_high))
+    keep = (valid_y & inside_y)[:, :, None] & (valid_x & inside_x)[:, None, :]  # [K,h*gh,w*gw]
+    values = values * keep[:, None].to(values.dtype)
+    sums = values.reshape(len(rois), channels, pooled_h, max_gh, pooled_w, max_gw).sum(dim=(3, 5))
+    count = (grid_h * grid_w).clamp(min=1).to(features.dtype)[:, None, None, None]
+    return sums / count
+
+
+def roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], output_size: int | Sequence[int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
+    """RoIAlign (He et al., Mask R-CNN, ICCV 2017): ``input [N,C,H,W]`` -> ``[K, C, h, w]``.
+
+    ``boxes`` are in image coordinates; ``spatial_scale`` (1 / stride) maps them onto the feature
+    map. ``sampling_ratio > 0`` samples that many points per bin side; ``<= 0`` picks
+    ``ceil(bin size)`` per box. Same signature and numbers as ``torchvision.ops.roi_align``.
+    """
+    output_size = _pair(output_size)
+    rois = _as_rois(boxes, input.dtype).to(input.device)
+    if len(rois) == 0:
+        return input.new_zeros(0, input.shape[1], *output_size)
+    # samples per box if every box used the largest grid: bounds the chunk's memory
+    per_box = input.shape[1] * output_size[0] * output_size[1] * max(sampling_ratio, 1) ** 2
+    if sampling_ratio <= 0:
+        per_box *= 16  # a guess for adaptive grids; the chunking only bounds memory
+    chunk = max(1, _CHUNK_ELEMENTS // per_box)
+    return torch.cat([_roi_align_chunk(input, part, output_size, spatial_scale, sampling_ratio, aligned)
+                      for part in rois.split(chunk)])
+
+
+def roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], output_size: int | Sequence[int],
+             spatial_scale: float = 1.0) -> torch.Tensor:
+    """RoIPool (Girshick, Fast R-CNN, ICCV 2015): ``input [N,C,H,W]`` -> ``[K, C, h, w]``.
+
+    The box is rounded to whole cells (``round(x * spatial_scale)``), at least one cell wide; bin
+    ``p`` covers the cells from ``floor(p * size / h)`` to ``ceil((p + 1) * size / h)`` of it,
+    clipped to the map; the output is the maximum over the bin, 0 for an empty bin. Same
+    signature and numbers as ``torchvision.ops.roi_pool``.
+    """
+    pooled_h, pooled_w = _pair(output_size)
+    rois = _as_rois(boxes, input.dtype).to(input.device)
+    _, channels, height, width = input.shape
+    if len(rois) == 0:
+        return input.new_zeros(0, channels, pooled_h, pooled_w)
+    # C's round(): halves away from zero (torch.round would round them to even)
+    scaled = rois[:, 1:] * spatial_scale
+    start_x, start_y, end_x, end_y = (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)).long().unbind(1)
+    roi_w = (end_x - start_x + 1).clamp(min=1).to(input.dtype)
+    roi_h = (end_y - start_y + 1).clamp(min=1).to(input.dtype)
+
+    def bin_edges(start: torch.Tensor, size: torch.Tensor, bins: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """First and one-past-last cell of every bin, ``[K, bins]`` each, clipped to ``[0, limit]``."""
+        p = torch.arange(bins, device=input.device, dtype=input.dtype)[None]
+        bin_size = size[:, None] / bins
+        first = torch.floor(p * bin_size).long() + start[:, None]
+        last = torch.ceil((p + 1) * bin_size).long() + start[:, None]
+        return first.clamp(0, limit), last.clamp(0, limit)
+
+    y_first, y_last = bin_edges(start_y, roi_h, pooled_h, height)  # [K, h]
+    x_first, x_last = bin_edges(start_x, roi_w, pooled_w, width)  # [K, w]
+    # Every cell's membership in every bin: [K, h, H] and [K, w, W]; the bins overlap by design.
+    rows = torch.arange(height, device=input.device)
+    cols = torch.arange(width, device=input.device)
+    in_row = (rows[None, None] >= y_first[..., None]) & (rows[None, None] < y_last[..., None])
+    in_col = (cols[None, None] >= x_first[..., None]) & (cols[None, None] < x_last[..., None])
+
+    outputs = []
+    per_box = channels * pooled_w * height * width  # the column-masked maps, the largest intermediate
+    chunk = max(1, _CHUNK_ELEMENTS // per_box)
+    for part in torch.arange(len(rois), device=input.device).split(chunk):
+        maps = input[rois[part, 0].long()]  # [k, C, H, W]
+        # max over columns of each column bin, then over rows of each row bin
+        masked = maps[:, :, None, :, :].masked_fill(~in_col[part][:, None, :, None, :], -math.inf)  # [k,C,w,H,W]
+        by_column = masked.amax(dim=-1)  # [k, C, w, H]
+        masked = by_column[:, :, None].masked_fill(~in_row[part][:, None, :, None, :], -math.inf)  # [k,C,h,w,H]
+        pooled = masked.amax(dim=-1)  # [k, C, h, w]
+        outputs.append(torch.where(torch.isinf(pooled) & (pooled < 0), torch.zeros_like(pooled), pooled))
+    return torch.cat(outputs)
