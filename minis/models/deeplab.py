@@ -223,16 +223,23 @@ class DeepLabV3Head(nn.Module):
 class DeepLabV3PlusHead(nn.Module):
     """DeepLab v3+: ASPP encoder on ``c5`` plus a decoder that brings back ``c2``'s detail.
 
-    ``c2`` (stride 4) is reduced to ``low_level_channels`` (48) by 1x1 conv -> BN -> ReLU - few
+    ``c2`` (stride 4) is reduced to ``low_level_channels`` by 1x1 conv -> BN -> ReLU - few
     channels, so the fused features stay dominated by the encoder's semantics - then concatenated
     with the ASPP output upsampled to ``c2``'s size, refined by two 3x3 convolutions and classified.
     ``features -> [B,K,h2,w2]`` at the resolution of ``c2``.
+
+    ``low_level_channels`` defaults to the paper's 48 for 256 channels and keeps that 3:16 ratio for
+    narrower heads (12 for 64). The paper's ablation found few low-level channels best; with as
+    many low-level as encoder channels the decoder leans on local detail and, trained from
+    scratch, learns the object classes far more slowly.
     """
 
     def __init__(self, in_channels: int, low_level_in: int, num_classes: int, rates: Sequence[int],
-                 channels: int = 256, low_level_channels: int = 48, separable: bool = False,
+                 channels: int = 256, low_level_channels: int | None = None, separable: bool = False,
                  dropout: float = 0.1) -> None:
         super().__init__()
+        if low_level_channels is None:
+            low_level_channels = max(1, channels * 3 // 16)
         self.aspp = ASPP(in_channels, rates, channels, separable, dropout)
         self.reduce = conv1x1_bn_relu(low_level_in, low_level_channels)
         self.fuse = nn.Sequential(
@@ -332,17 +339,13 @@ def deeplabv3plus(num_classes: int, backbone: str = "small", output_stride: int 
     decoder's stride-4 features offer a shortcut that local cues can fit before the encoder has
     learned what the objects are (the chapter measures this).
 
-    ``low_level_channels`` defaults to the paper's 48 for 256 head channels and keeps that 3:16
-    ratio for narrower heads (12 for 64). The paper's ablation found that few low-level channels
-    work best: with as many low-level as encoder channels, the decoder leans on local detail and,
-    trained from scratch, learns the object classes far more slowly.
+    ``low_level_channels=None`` keeps the paper's 48:256 ratio to ``head_channels`` (see
+    :class:`DeepLabV3PlusHead`).
     """
     features = deeplab_backbone(backbone, output_stride, frozen_bn, pretrained_backbone)
     if "c2" not in features.channels:
         raise ValueError(f"deeplabv3plus needs stride-4 features 'c2', which backbone {backbone!r} does not give")
     rates = default_rates(output_stride) if rates is None else rates
-    if low_level_channels is None:
-        low_level_channels = max(1, head_channels * 3 // 16)
     head = DeepLabV3PlusHead(features.channels["c5"], features.channels["c2"], num_classes, rates, head_channels,
                              low_level_channels, separable)
     aux_head = FCNHead(features.channels["c4"], num_classes) if aux else None

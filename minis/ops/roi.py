@@ -11,7 +11,7 @@
 
 Both take the boxes as one ``[K,5]`` tensor (``batch_index, x1, y1, x2, y2``) or as a list of
 ``[L_i,4]`` tensors, one per image, with ``torchvision.ops`` signatures. All boxes are processed
-together; only the gathered samples of very many boxes are split into chunks to bound memory.
+together; only the samples of very many boxes are gathered in chunks, to bound the memory.
 """
 
 from __future__ import annotations
@@ -73,22 +73,29 @@ def _bilinear_weights(positions: torch.Tensor, size: int) -> tuple[torch.Tensor,
     return low, high, 1 - frac, frac, inside
 
 
-def _roi_align_chunk(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
-                     spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
-    """:func:`roi_align` for ``rois [K,5]``: ``[K, C, h, w]``."""
-    _, channels, height, width = features.shape
+def _sampling_grid(rois: torch.Tensor, output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int,
+                   aligned: bool) -> torch.Tensor:
+    """Per box ``[K,6]``: ``x1, y1`` on the feature map, the bin size ``bin_w, bin_h`` and the
+    number of samples per bin side ``grid_w, grid_h`` (whole numbers, stored as floats)."""
     pooled_h, pooled_w = output_size
     offset = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (rois[:, i] * spatial_scale - offset for i in range(1, 5))
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:  # the original Mask R-CNN code forced boxes to at least one cell
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
     if sampling_ratio > 0:
-        grid_h = torch.full_like(roi_h, sampling_ratio, dtype=torch.long)
-        grid_w = torch.full_like(roi_w, sampling_ratio, dtype=torch.long)
+        grid_w, grid_h = torch.full_like(roi_w, sampling_ratio), torch.full_like(roi_h, sampling_ratio)
     else:  # adaptive: about one sample per feature cell
-        grid_h, grid_w = torch.ceil(roi_h / pooled_h).long(), torch.ceil(roi_w / pooled_w).long()
+        grid_w, grid_h = torch.ceil(roi_w / pooled_w), torch.ceil(roi_h / pooled_h)
+    return torch.stack([x1, y1, roi_w / pooled_w, roi_h / pooled_h, grid_w, grid_h], dim=1)
+
+
+def _roi_align_chunk(features: torch.Tensor, batch_index: torch.Tensor, grid: torch.Tensor,
+                     output_size: tuple[int, int]) -> torch.Tensor:
+    """:func:`roi_align` for the boxes of ``grid [K,6]`` (see :func:`_sampling_grid`): ``[K, C, h, w]``."""
+    _, channels, height, width = features.shape
+    pooled_h, pooled_w = output_size
+    x1, y1, bin_w, bin_h, grid_w, grid_h = grid.unbind(1)
     max_gh, max_gw = max(int(grid_h.max()), 1), max(int(grid_w.max()), 1)
 
     ys, valid_y = _sample_coordinates(y1, bin_h, grid_h, pooled_h, max_gh)  # [K, h*gh]
@@ -96,20 +103,20 @@ def _roi_align_chunk(features: torch.Tensor, rois: torch.Tensor, output_size: tu
     y_low, y_high, wy_low, wy_high, inside_y = _bilinear_weights(ys, height)
     x_low, x_high, wx_low, wx_high, inside_x = _bilinear_weights(xs, width)
 
-    batch = rois[:, 0].long()[:, None, None, None]  # [K,1,1,1]
+    batch = batch_index[:, None, None, None]  # [K,1,1,1]
     channel = torch.arange(channels, device=features.device)[None, :, None, None]  # [1,C,1,1]
 
-    def corner(y_index: torch.Tensor, x_index: torch.Tensor) -> torch.Tensor:
-        # advanced indexing broadcasts to [K, C, h*gh, w*gw]
-        return features[batch, channel, y_index[:, None, :, None], x_index[:, None, None, :]]
+    def corner(wy: torch.Tensor, wx: torch.Tensor, y_index: torch.Tensor, x_index: torch.Tensor) -> torch.Tensor:
+        """One of the four bilinear terms, weight times value: ``[K, C, h*gh, w*gw]``."""
+        weight = (wy[:, :, None] * wx[:, None, :])[:, None]  # [K,1,h*gh,w*gw]
+        return weight * features[batch, channel, y_index[:, None, :, None], x_index[:, None, None, :]]
 
-    w = lambda a, b: (a[:, :, None] * b[:, None, :])[:, None]  # [K,1,h*gh,w*gw]
-    values = (w(wy_low, wx_low) * corner(y_low, x_low) + w(wy_low, wx_high) * corner(y_low, x_high)
-              + w(wy_high, wx_low) * corner(y_high, x_low) + w(wy_high, wx_high) * corner(y_high, x_high))
+    values = (corner(wy_low, wx_low, y_low, x_low) + corner(wy_low, wx_high, y_low, x_high)
+              + corner(wy_high, wx_low, y_high, x_low) + corner(wy_high, wx_high, y_high, x_high))
     keep = (valid_y & inside_y)[:, :, None] & (valid_x & inside_x)[:, None, :]  # [K,h*gh,w*gw]
     values = values * keep[:, None].to(values.dtype)
-    sums = values.reshape(len(rois), channels, pooled_h, max_gh, pooled_w, max_gw).sum(dim=(3, 5))
-    count = (grid_h * grid_w).clamp(min=1).to(features.dtype)[:, None, None, None]
+    sums = values.reshape(len(grid), channels, pooled_h, max_gh, pooled_w, max_gw).sum(dim=(3, 5))
+    count = (grid_h * grid_w).clamp(min=1)[:, None, None, None]
     return sums / count
 
 
@@ -125,13 +132,13 @@ def roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor],
     rois = _as_rois(boxes, input.dtype).to(input.device)
     if len(rois) == 0:
         return input.new_zeros(0, input.shape[1], *output_size)
-    # samples per box if every box used the largest grid: bounds the chunk's memory
-    per_box = input.shape[1] * output_size[0] * output_size[1] * max(sampling_ratio, 1) ** 2
-    if sampling_ratio <= 0:
-        per_box *= 16  # a guess for adaptive grids; the chunking only bounds memory
-    chunk = max(1, _CHUNK_ELEMENTS // per_box)
-    return torch.cat([_roi_align_chunk(input, part, output_size, spatial_scale, sampling_ratio, aligned)
-                      for part in rois.split(chunk)])
+    grid = _sampling_grid(rois, output_size, spatial_scale, sampling_ratio, aligned)
+    # every box of a chunk is sampled on the chunk's largest grid: bound the memory by that
+    samples_per_box = output_size[0] * output_size[1] * max(int(grid[:, 4].max()), 1) * max(int(grid[:, 5].max()), 1)
+    chunk = max(1, _CHUNK_ELEMENTS // (input.shape[1] * samples_per_box))
+    batch_index = rois[:, 0].long()
+    return torch.cat([_roi_align_chunk(input, index, part, output_size)
+                      for index, part in zip(batch_index.split(chunk), grid.split(chunk))])
 
 
 def roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], output_size: int | Sequence[int],
