@@ -259,3 +259,158 @@ def test_roi_align_samples_between_cells_where_roi_pool_snaps() -> None:
     pool = [ops.roi_pool(features, b, 1) for b in (box, shifted)]
     assert (align[1] - align[0]).item() == pytest.approx(0.25)
     assert torch.equal(pool[0], pool[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-scale RoIAlign (FPN)
+# --------------------------------------------------------------------------------------------
+
+
+def pyramid_boxes(n: int, seed: int, extent: float = 700.0) -> torch.Tensor:
+    """``[n,4]`` boxes from a few pixels to most of an ``extent`` image: every FPN level gets some."""
+    generator = torch.Generator().manual_seed(seed)
+    top_left = torch.rand(n, 2, generator=generator) * extent
+    sides = torch.rand(n, 2, generator=generator) ** 2 * 600 + 1  # squared: many small boxes, some huge
+    return torch.cat([top_left, top_left + sides], dim=1)
+
+
+def test_fpn_level_equals_torchvision_level_mapper() -> None:
+    from torchvision.ops.poolers import LevelMapper
+
+    boxes = torch.cat([pyramid_boxes(300, 20), torch.tensor([
+        [10.0, 10.0, 10.0, 50.0],  # zero area: log2(0) = -inf, the finest level
+        [5.0, 5.0, 5.0, 5.0],  # a point
+        [0.0, 0.0, 0.01, 0.02],  # tiny
+        [0.0, 0.0, 5000.0, 4000.0],  # far larger than any image: the coarsest level
+        [0.0, 0.0, 112.0, 112.0],  # exactly on the borders between levels: eps decides
+        [0.0, 0.0, 224.0, 224.0],
+        [0.0, 0.0, 448.0, 448.0],
+        [3.0, 7.0, 451.0, 455.0],  # the same sizes elsewhere in the image
+        [0.0, 0.0, 50.0, 1003.52],  # sqrt(area) = 224 from a very elongated box
+    ])])
+    for k_min, k_max, scale, level in [(2, 5, 224, 4), (3, 6, 224, 4), (2, 2, 224, 4), (2, 5, 160, 3)]:
+        ours = ops.fpn_level(boxes, k_min, k_max, scale, level)
+        assert ours.dtype == torch.int64
+        assert torch.equal(ours, LevelMapper(k_min, k_max, scale, level)([boxes[:100], boxes[100:]]))
+    assert ops.fpn_level(boxes, 2, 5)[-5:].tolist() == [1, 2, 3, 3, 2]  # 112 -> level 3, 224 -> 4, 448 -> 5
+    assert ops.fpn_level(torch.zeros(0, 4), 2, 5).shape == (0,)
+
+
+def test_feature_scales_equal_torchvision() -> None:
+    from torchvision.ops.poolers import _setup_scales
+
+    for image_sizes, padded in [([(800, 1066), (736, 1200)], (800, 1216)), ([(600, 600)], (608, 608)),
+                                ([(97, 130)], (128, 160))]:
+        features = [torch.zeros(1, 1, -(-padded[0] // s), -(-padded[1] // s)) for s in (4, 8, 16, 32, 64)]
+        ours = ops.feature_scales([f.shape for f in features], image_sizes)
+        assert ours == _setup_scales(features, image_sizes, 224, 4)[0]
+    assert ops.feature_scales([(1, 256, 200, 304), (50, 76)], [(800, 1216)]) == [0.25, 0.0625]
+    with pytest.raises(ValueError, match="at least one image"):
+        ops.feature_scales([(10, 10)], [])
+
+
+def fpn_features(seed: int, channels: int = 4) -> dict[str, torch.Tensor]:
+    """An FPN's output for a batch padded to 800 x 1216: maps '0'..'3' at strides 4..32, and 'pool'."""
+    generator = torch.Generator().manual_seed(seed)
+    maps = {str(i): torch.randn(2, channels, 800 // s, 1216 // s, generator=generator) for i, s in enumerate((4, 8, 16, 32))}
+    maps["pool"] = torch.randn(2, channels, 13, 19, generator=generator)  # LastLevelMaxPool: never pooled from
+    return maps
+
+
+@pytest.mark.parametrize("kernel", ["plain", "torchvision"])
+@pytest.mark.parametrize("output_size,sampling_ratio", [(7, 2), (7, 0), (14, 2), (14, 0)])
+def test_multiscale_roi_align_equals_torchvision(kernel: str, output_size: int, sampling_ratio: int) -> None:
+    features, image_sizes = fpn_features(21), [(800, 1066), (736, 1200)]  # two sizes, one padded batch
+    boxes = [pyramid_boxes(40, 22), pyramid_boxes(30, 23)]
+    names = ["0", "1", "2", "3"]
+    roi_align = ops.roi_align if kernel == "plain" else tv_ops.roi_align
+    ours = ops.MultiScaleRoIAlign(names, output_size, sampling_ratio, roi_align=roi_align)(features, boxes, image_sizes)
+    theirs = tv_ops.MultiScaleRoIAlign(names, output_size, sampling_ratio)(features, boxes, image_sizes)
+    assert ours.shape == theirs.shape == (70, 4, output_size, output_size)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # every level pooled some box: the test covers them all
+    levels = ops.fpn_level(torch.cat(boxes), 2, 5)
+    assert set(levels.tolist()) == {0, 1, 2, 3}
+
+
+def test_multiscale_roi_align_images_without_boxes_and_a_single_level() -> None:
+    features, image_sizes = fpn_features(24), [(800, 1066), (736, 1200)]
+    names = ["0", "1", "2", "3"]
+    for boxes in ([pyramid_boxes(25, 25), torch.zeros(0, 4)], [torch.zeros(0, 4), pyramid_boxes(5, 26)],
+                  [torch.zeros(0, 4), torch.zeros(0, 4)]):
+        ours = ops.MultiScaleRoIAlign(names, (7, 5), 2)(features, boxes, image_sizes)
+        theirs = tv_ops.MultiScaleRoIAlign(names, (7, 5), 2)(features, boxes, image_sizes)
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    boxes = [pyramid_boxes(10, 27), pyramid_boxes(10, 28)]  # one map: every box pooled on it
+    ours = ops.multiscale_roi_align([features["2"]], boxes, image_sizes, 7, 2)
+    theirs = tv_ops.MultiScaleRoIAlign(["2"], 7, 2)(features, boxes, image_sizes)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_multiscale_roi_align_infers_the_scales_on_every_call() -> None:
+    # torchvision's module keeps the scales of its first batch; ours recomputes them, so a module
+    # used on a batch of another size agrees with a fresh torchvision module
+    ours = ops.MultiScaleRoIAlign(["0", "1"], 5, 2)
+    small = {"0": torch.randn(1, 2, 100, 100), "1": torch.randn(1, 2, 50, 50)}
+    boxes = [pyramid_boxes(8, 29, extent=300.0)]
+    ours(fpn_features(30), [pyramid_boxes(3, 31)], [(800, 1216)] * 2)
+    torch.testing.assert_close(ours(small, boxes, [(400, 400)]),
+                               tv_ops.MultiScaleRoIAlign(["0", "1"], 5, 2)(small, boxes, [(400, 400)]), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Pasting masks
+# --------------------------------------------------------------------------------------------
+
+
+def paste_boxes(n: int, seed: int, height: int, width: int) -> torch.Tensor:
+    """``[n,4]`` boxes centred inside the image, some much larger than it, plus the edge cases.
+
+    None lies entirely outside the image: torchvision's slicing fails on most of those.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    centre = torch.rand(n, 2, generator=generator) * torch.tensor([width, height])
+    half = torch.rand(n, 2, generator=generator) ** 2 * torch.tensor([width, height]) * 0.7
+    edge_cases = torch.tensor([
+        [10.0, 10.0, 10.0, 30.0],  # zero width
+        [10.0, 10.0, 30.0, 10.0],  # zero height
+        [5.0, 5.0, 5.0, 5.0],  # a point
+        [20.3, 8.1, 20.6, 8.5],  # smaller than a pixel
+        [0.0, 0.0, width - 1.0, height - 1.0],  # the whole image
+        [-50.0, -40.0, width + 30.0, height + 60.0],  # larger than the image on every side
+        [width - 3.0, height - 2.0, width + 20.0, height + 10.0],  # mostly outside, bottom right
+        [-25.0, 3.0, 1.0, 9.0],  # mostly outside, left
+    ])
+    return torch.cat([torch.cat([centre - half, centre + half], dim=1), edge_cases])
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("mask_size,image", [(28, (61, 83)), (14, (90, 47)), (5, (40, 40))])
+def test_paste_masks_in_image_equals_torchvision(padding: int, mask_size: int, image: tuple[int, int]) -> None:
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    boxes = paste_boxes(30, mask_size, *image)
+    masks = torch.rand(len(boxes), 1, mask_size, mask_size, generator=torch.Generator().manual_seed(padding))
+    ours = ops.paste_masks_in_image(masks, boxes, image, padding)
+    theirs = paste_masks_in_image(masks, boxes, image, padding)
+    assert ours.shape == theirs.shape == (len(boxes), 1, *image)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_paste_masks_in_image_without_masks_and_outside_the_image() -> None:
+    assert ops.paste_masks_in_image(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (30, 50)).shape == (0, 1, 30, 50)
+    # boxes entirely outside the image paste nothing. torchvision raises an error for most of these:
+    # a box that ends before the image gives its slices negative ends, which count from the other side
+    boxes = torch.tensor([[-60.0, 10.0, -20.0, 40.0], [100.0, 10.0, 130.0, 40.0], [10.0, -90.0, 40.0, -50.0],
+                          [10.0, 65.0, 30.0, 69.0], [-30.0, -30.0, -4.0, -4.0]])
+    pasted = ops.paste_masks_in_image(torch.rand(5, 1, 28, 28), boxes, (60, 80))
+    assert pasted.shape == (5, 1, 60, 80) and pasted.abs().sum() == 0
+
+
+def test_pasted_mask_covers_the_box_pixels_both_ends_included() -> None:
+    # padding 0 keeps the box as it is; a mask of ones resizes to ones on pixels x1..x2, y1..y2
+    pasted = ops.paste_masks_in_image(torch.ones(1, 1, 7, 7), torch.tensor([[3.0, 2.0, 9.0, 5.0]]), (8, 12), padding=0)
+    expected = torch.zeros(8, 12)
+    expected[2:6, 3:10] = 1
+    torch.testing.assert_close(pasted[0, 0], expected)

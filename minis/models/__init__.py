@@ -63,3 +63,4 @@ from minis.models import deeplab  # noqa: E402,F401
 from minis.models import pspnet  # noqa: E402,F401
 from minis.models import fcn  # noqa: E402,F401
 from minis.models import unet  # noqa: E402,F401
+from minis.models import rcnn  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""Box and RoI operations in plain, vectorised PyTorch with ``torchvision.ops`` signatures.
+"""Box, RoI and mask operations in plain, vectorised PyTorch with ``torchvision.ops`` signatures.
 
 Each is tested equal to torchvision's implementation (tests/test_ops.py); the detection chapters
 show these plain versions.
@@ -14,8 +14,10 @@ from minis.ops.boxes import (
     generalized_box_iou,
     remove_small_boxes,
 )
+from minis.ops.masks import paste_masks_in_image
 from minis.ops.nms import batched_nms, nms
-from minis.ops.roi import roi_align, roi_pool
+from minis.ops.roi import MultiScaleRoIAlign, feature_scales, fpn_level, multiscale_roi_align, roi_align, roi_pool
 
 __all__ = ["AnchorGenerator", "BBOX_XFORM_CLIP", "BoxCoder", "batched_nms", "cell_anchors", "grid_anchors", "box_area", "box_iou", "clip_boxes_to_image",
-           "generalized_box_iou", "nms", "remove_small_boxes", "roi_align", "roi_pool"]
+           "generalized_box_iou", "nms", "remove_small_boxes", "roi_align", "roi_pool", "fpn_level", "feature_scales",
+           "multiscale_roi_align", "MultiScaleRoIAlign", "paste_masks_in_image"]

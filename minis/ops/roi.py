@@ -12,14 +12,19 @@
 Both take the boxes as one ``[K,5]`` tensor (``batch_index, x1, y1, x2, y2``) or as a list of
 ``[L_i,4]`` tensors, one per image, with ``torchvision.ops`` signatures. All boxes are processed
 together; only the samples of very many boxes are gathered in chunks, to bound the memory.
+
+* ``multiscale_roi_align`` / ``MultiScaleRoIAlign`` (FPN, Lin et al. 2017) pool each box from one
+  level of a feature pyramid, chosen by the box's size (``fpn_level``): small boxes from the fine
+  maps, large ones from the coarse maps, so every box covers about the same number of cells.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 # Upper bound on the elements of one chunk's gathered samples ([K, C, h*gh, w*gw] per corner).
 _CHUNK_ELEMENTS = 2**23
@@ -189,3 +194,106 @@ def roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], 
         pooled = masked.amax(dim=-1)  # [k, C, h, w]
         outputs.append(torch.where(torch.isinf(pooled) & (pooled < 0), torch.zeros_like(pooled), pooled))
     return torch.cat(outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-scale RoIAlign: one FPN level per box
+# --------------------------------------------------------------------------------------------
+
+
+def fpn_level(boxes: torch.Tensor, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
+              eps: float = 1e-6) -> torch.Tensor:
+    """The FPN level each box is pooled from: ``boxes [K,4]`` -> ``[K]`` int64, counted from ``k_min``.
+
+    Eq. 1 of the FPN paper (Lin et al., CVPR 2017): ``k = floor(k0 + log2(sqrt(w h) / 224))``. A
+    224-pixel box (an ImageNet-sized object) goes to level ``k0 = 4`` (stride 16), a box half as
+    big to the level below, and so on, clamped to the levels there are. ``eps`` keeps a box of
+    exactly 112 or 448 pixels from falling a level lower through rounding; a zero-area box
+    (``log2(0) = -inf``) ends on ``k_min``. Same numbers as torchvision's ``LevelMapper``.
+    """
+    size = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    # torchvision's order: eps added after the logarithm, not inside it
+    level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + torch.tensor(eps, dtype=size.dtype))
+    return level.clamp(min=k_min, max=k_max).to(torch.int64) - k_min
+
+
+def feature_scales(feature_shapes: Sequence[Sequence[int]], image_sizes: Sequence[tuple[int, int]]) -> list[float]:
+    """Each feature map's scale against the images, a power of two: ``[1/4, 1/8, ...]`` for an FPN.
+
+    ``feature_shapes`` are the maps' shapes (``[..., H_l, W_l]``; ``tensor.shape`` will do) and
+    ``image_sizes`` the ``(height, width)`` of the images before padding to a batch. The scale is
+    ``2 ** round(log2(H_l / H))`` with ``H`` the tallest image: the batch was padded to at least
+    that, and the rounding absorbs the extra padding up to a multiple of the stride. Like
+    torchvision, only the heights decide, and the ratio is taken in float32.
+    """
+    if not image_sizes:
+        raise ValueError("feature_scales needs the size of at least one image")
+    height = max(int(size[0]) for size in image_sizes)
+    ratios = torch.tensor([float(shape[-2]) / float(height) for shape in feature_shapes], dtype=torch.float32)
+    return [2.0 ** float(exponent) for exponent in ratios.log2().round()]
+
+
+def multiscale_roi_align(features: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor],
+                         image_sizes: Sequence[tuple[int, int]], output_size: int | Sequence[int], sampling_ratio: int,
+                         canonical_scale: int = 224, canonical_level: int = 4,
+                         roi_align: Callable[..., torch.Tensor] = roi_align) -> torch.Tensor:
+    """RoIAlign on a feature pyramid (FPN): each box pooled from the level that suits its size.
+
+    ``features`` are the maps ``[B, C, H_l, W_l]``, finest first; ``boxes`` one ``[L_i, 4]`` tensor
+    per image, in image pixels; ``image_sizes`` the images' ``(height, width)``. Returns
+    ``[K, C, h, w]`` for the ``K = sum L_i`` boxes in their concatenated order. Every box gets the
+    level of :func:`fpn_level` and is pooled there with ``roi_align(..., aligned=False)`` at that
+    level's scale (:func:`feature_scales`); with a single map, every box is pooled on it.
+
+    ``roi_align`` may be ``torchvision.ops.roi_align`` (the compiled kernel, much faster); by default
+    it is this module's plain one. Same numbers as ``torchvision.ops.MultiScaleRoIAlign``.
+    """
+    output_size = _pair(output_size)
+    scales = feature_scales([feature.shape for feature in features], image_sizes)
+    rois = _as_rois(boxes, boxes[0].dtype if len(boxes) else features[0].dtype).to(features[0].device)
+    if len(features) == 1:
+        return roi_align(features[0], rois, output_size, spatial_scale=scales[0], sampling_ratio=sampling_ratio)
+
+    # levels are numbered by their stride, 2**k: scale 1/4 is level 2 of the FPN paper
+    k_min, k_max = (int(-torch.log2(torch.tensor(scale, dtype=torch.float32)).item()) for scale in (scales[0], scales[-1]))
+    levels = fpn_level(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
+    pooled = features[0].new_zeros(len(rois), features[0].shape[1], *output_size)
+    # one call per level (a handful), all of a level's boxes at once, written back to their rows
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        index = torch.nonzero(levels == level).flatten()
+        pooled[index] = roi_align(feature, rois[index], output_size, spatial_scale=scale,
+                                  sampling_ratio=sampling_ratio).to(pooled.dtype)
+    return pooled
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """:func:`multiscale_roi_align` on the maps named ``featmap_names`` of an FPN's output dict.
+
+    The constructor and ``forward(x, boxes, image_shapes)`` are torchvision's; ``roi_align`` picks
+    the implementation as in :func:`multiscale_roi_align`. Two small differences: the maps are
+    taken in the order of ``featmap_names`` (torchvision keeps the dict's order, the same for an
+    FPN's output), and the scales are inferred on every call instead of being fixed by the first
+    batch (it costs nothing).
+    """
+
+    def __init__(self, featmap_names: list[str], output_size: int | Sequence[int], sampling_ratio: int, *,
+                 canonical_scale: int = 224, canonical_level: int = 4,
+                 roi_align: Callable[..., torch.Tensor] = roi_align) -> None:
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.output_size = _pair(output_size)
+        self.sampling_ratio = sampling_ratio
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.roi_align = roi_align
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """``x`` maps name -> ``[B, C, H_l, W_l]`` (others are ignored), ``boxes`` one ``[L_i, 4]``
+        per image, ``image_shapes`` their ``(height, width)``: ``[sum L_i, C, h, w]``."""
+        features = [x[name] for name in self.featmap_names]
+        return multiscale_roi_align(features, boxes, image_shapes, self.output_size, self.sampling_ratio,
+                                    self.canonical_scale, self.canonical_level, roi_align=self.roi_align)
+
+    def extra_repr(self) -> str:
+        return f"featmap_names={self.featmap_names}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}"

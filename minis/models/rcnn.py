@@ -1,0 +1,749 @@
+"""Faster R-CNN, Mask R-CNN and Mask Scoring R-CNN: detect boxes, then segment inside each box.
+
+* Faster R-CNN (Ren et al., NeurIPS 2015) in two stages. A small *Region Proposal Network*
+  slides over every FPN level and, for each of a few anchor boxes per position, scores
+  "object or not" and regresses the anchor towards the object. The best few thousand boxes
+  after NMS are the *proposals*. The second stage cuts a fixed 7x7 feature map out of the FPN
+  level that suits each proposal's size (RoIAlign), and a two-layer MLP classifies it into
+  K classes + background and refines its box once more, separately per class.
+* Mask R-CNN (He et al., ICCV 2017) adds a third branch on 14x14 RoIAlign features: four 3x3
+  convolutions and a 2x transposed convolution predict a 28x28 mask *per class*. The mask of
+  the class the box head chose is kept; the others are never compared with each other, so the
+  masks do not compete for pixels (a per-pixel sigmoid, not a softmax over classes), which the
+  paper found worth +5.5 mask AP over the softmax (Table 2b). RoIAlign instead of RoIPool gave
+  another +3 AP, because 28x28 masks need features that are not shifted by rounding.
+* Mask Scoring R-CNN (Huang et al., CVPR 2019) notices that a detection's score measures how
+  sure the classifier is about the class, not how good the mask is. A MaskIoU head looks at
+  the RoI features and the predicted mask and regresses the mask's IoU with the ground truth;
+  the final score is ``class score x predicted MaskIoU``, so mask AP ranks good masks first.
+
+The three models are one class each, each extending the one before. Every step matches
+torchvision's ``FasterRCNN`` and ``MaskRCNN`` number for number: :func:`from_torchvision_rcnn`
+loads their weights and the tests compare the outputs, and the training losses, given the same
+random state. The FPN and image plumbing live in :mod:`minis.nn.fpn` and
+:mod:`minis.nn.detection`; boxes, anchors, NMS and RoIAlign in :mod:`minis.ops`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+# The compiled kernels. minis.ops.roi_align and minis.ops.batched_nms compute the same numbers
+# (tests/test_ops.py) and are the versions the chapters explain; a detector runs them on
+# thousands of boxes per image, where the C++ loops are several times faster.
+from torchvision.ops import batched_nms, roi_align
+
+from minis.models import register
+from minis.models.porting import register_port
+from minis.nn.detection import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, DetectionTransform, ImageBatch,
+                                check_targets, match_boxes, sample_balanced)
+from minis.nn.fpn import BackboneFPN, backbone_fpn
+from minis.ops import AnchorGenerator, BoxCoder, box_iou, clip_boxes_to_image, multiscale_roi_align, remove_small_boxes
+
+
+@dataclass
+class RCNNConfig:
+    """Every setting of the two stages, with torchvision's names and defaults (its COCO recipe).
+
+    Image sizes, anchors, and the thresholds and sample sizes of both stages. ``*_train`` /
+    ``*_test`` values apply in training / evaluation mode.
+    """
+
+    # images: short side min_size (a tuple: drawn per image in training), long side at most max_size
+    min_size: int | tuple[int, ...] = 800
+    max_size: int = 1333
+    image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    # anchors: one size per FPN level P2..P6, three shapes each
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # region proposal network
+    rpn_pre_nms_top_n_train: int = 2000  # best boxes per level before NMS
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000  # proposals per image after NMS
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_score_thresh: float = 0.0
+    # box head
+    representation_size: int = 1024  # width of the two fully connected layers
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+    box_fg_iou_thresh: float = 0.5
+    box_bg_iou_thresh: float = 0.5
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    # mask head
+    mask_head_channels: int = 256
+    mask_head_layers: int = 4
+    # mask scoring head (Mask Scoring R-CNN only)
+    maskiou_weight: float = 1.0
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> tuple["RCNNConfig", dict]:
+        """Split builder keyword arguments into a config and the rest."""
+        names = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in kwargs.items() if k in names})
+        return config, {k: v for k, v in kwargs.items() if k not in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage one: the region proposal network
+# ----------------------------------------------------------------------------------------------
+
+
+class RPNHead(nn.Module):
+    """A 3x3 convolution, then per anchor an objectness logit and four box offsets.
+
+    The same weights run on every FPN level (the levels share a channel count for this reason).
+    Level ``l``: ``[B,C,H,W] -> objectness [B,A,H,W], deltas [B,4A,H,W]``.
+    """
+
+    def __init__(self, channels: int, num_anchors: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.objectness = nn.Conv2d(channels, num_anchors, 1)
+        self.deltas = nn.Conv2d(channels, 4 * num_anchors, 1)
+        for conv in (self.conv, self.objectness, self.deltas):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        hidden = [F.relu(self.conv(feature)) for feature in features]
+        return [self.objectness(h) for h in hidden], [self.deltas(h) for h in hidden]
+
+
+def flatten_anchor_maps(maps: Sequence[torch.Tensor], values: int) -> torch.Tensor:
+    """Per-level ``[B, A*values, H, W]`` maps -> ``[B, sum_l H*W*A, values]``.
+
+    Ordered level by level, then position by position, then anchor by anchor: the order in which
+    :class:`minis.ops.AnchorGenerator` lists the anchors.
+    """
+    flat = []
+    for m in maps:
+        batch, _, height, width = m.shape
+        m = m.view(batch, -1, values, height, width).permute(0, 3, 4, 1, 2)  # [B,H,W,A,values]
+        flat.append(m.reshape(batch, -1, values))
+    return torch.cat(flat, dim=1)
+
+
+class RegionProposalNetwork(nn.Module):
+    """Anchors -> scored, regressed, NMS-filtered proposals (and, in training, the RPN losses)."""
+
+    def __init__(self, channels: int, config: RCNNConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.anchor_generator = AnchorGenerator(tuple((s,) for s in config.anchor_sizes), tuple(config.aspect_ratios))
+        self.head = RPNHead(channels, len(config.aspect_ratios))
+        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+
+    def forward(self, batch: ImageBatch, features: list[torch.Tensor], targets: list[dict] | None = None
+                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """``features``: FPN levels ``[B,C,H_l,W_l]``. Returns proposals (``[P_i,4]`` per image) and losses."""
+        objectness_maps, delta_maps = self.head(features)
+        anchors = self.anchor_generator(batch, features)  # per image [N,4], N = sum_l H_l*W_l*A
+        anchors_per_level = [o[0].numel() for o in objectness_maps]
+        objectness = flatten_anchor_maps(objectness_maps, 1).flatten(1)  # [B,N]
+        deltas = flatten_anchor_maps(delta_maps, 4).reshape(-1, 4)  # [B*N,4]
+        # proposals are inputs to stage two, not something to backpropagate into
+        proposals = self.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        boxes = self.select_proposals(proposals, objectness.detach(), batch.image_sizes, anchors_per_level)
+        if not self.training:
+            return boxes, {}
+        labels, matched_boxes = self.anchor_targets(anchors, targets)
+        regression_targets = self.box_coder.encode(matched_boxes, anchors)
+        return boxes, self.losses(objectness.flatten(), deltas, labels, regression_targets)
+
+    def select_proposals(self, proposals: torch.Tensor, objectness: torch.Tensor, image_sizes: list[tuple[int, int]],
+                         anchors_per_level: list[int]) -> list[torch.Tensor]:
+        """Best ``pre_nms_top_n`` per level, clipped, small boxes dropped, NMS per level, best ``post_nms_top_n``.
+
+        ``proposals [B,N,4]``, ``objectness [B,N]`` logits. Taking the top boxes per level rather
+        than overall keeps every level represented; NMS runs per level for the same reason.
+        """
+        cfg = self.config
+        pre_nms = cfg.rpn_pre_nms_top_n_train if self.training else cfg.rpn_pre_nms_top_n_test
+        post_nms = cfg.rpn_post_nms_top_n_train if self.training else cfg.rpn_post_nms_top_n_test
+        top, levels, start = [], [], 0
+        for level, count in enumerate(anchors_per_level):
+            _, index = objectness[:, start:start + count].topk(min(pre_nms, count), dim=1)
+            top.append(index + start)
+            levels.append(torch.full((index.shape[1],), level, dtype=torch.int64, device=objectness.device))
+            start += count
+        top, levels = torch.cat(top, dim=1), torch.cat(levels)  # [B,T], [T]
+        batch_index = torch.arange(len(proposals), device=proposals.device)[:, None]
+        scores, proposals = objectness[batch_index, top].sigmoid(), proposals[batch_index, top]
+
+        selected = []
+        for boxes, box_scores, size in zip(proposals, scores, image_sizes):
+            boxes = clip_boxes_to_image(boxes, size)
+            keep = remove_small_boxes(boxes, 1e-3)
+            boxes, box_scores, box_levels = boxes[keep], box_scores[keep], levels[keep]
+            keep = torch.nonzero(box_scores >= cfg.rpn_score_thresh).squeeze(1)
+            boxes, box_scores, box_levels = boxes[keep], box_scores[keep], box_levels[keep]
+            keep = batched_nms(boxes, box_scores, box_levels, cfg.rpn_nms_thresh)[:post_nms]
+            selected.append(boxes[keep])
+        return selected
+
+    def anchor_targets(self, anchors: list[torch.Tensor], targets: list[dict]
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image: anchor labels ``[N]`` (1 object, 0 background, -1 ignored) and matched boxes ``[N,4]``."""
+        cfg = self.config
+        labels, matched_boxes = [], []
+        for image_anchors, target in zip(anchors, targets):
+            gt_boxes = target["boxes"]
+            if gt_boxes.numel() == 0:  # an image without objects: every anchor is background
+                labels.append(torch.zeros(len(image_anchors), dtype=torch.float32, device=image_anchors.device))
+                matched_boxes.append(torch.zeros_like(image_anchors))
+                continue
+            matches = match_boxes(box_iou(gt_boxes, image_anchors), cfg.rpn_fg_iou_thresh, cfg.rpn_bg_iou_thresh,
+                                  allow_low_quality=True)
+            matched_boxes.append(gt_boxes[matches.clamp(min=0)])
+            image_labels = (matches >= 0).to(torch.float32)
+            image_labels[matches == BELOW_LOW_THRESHOLD] = 0.0
+            image_labels[matches == BETWEEN_THRESHOLDS] = -1.0
+            labels.append(image_labels)
+        return labels, matched_boxes
+
+    def losses(self, objectness: torch.Tensor, deltas: torch.Tensor, labels: list[torch.Tensor],
+               regression_targets: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Binary cross-entropy on sampled anchors, smooth L1 on the positive ones (``[B*N]``, ``[B*N,4]``)."""
+        cfg = self.config
+        positive, negative = sample_balanced(labels, cfg.rpn_batch_size_per_image, cfg.rpn_positive_fraction)
+        positive = torch.nonzero(torch.cat(positive)).squeeze(1)
+        negative = torch.nonzero(torch.cat(negative)).squeeze(1)
+        sampled = torch.cat([positive, negative])
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        # beta = 1/9: nearly L1 (robust to outliers) but smooth near zero; divided by all samples
+        box_loss = F.smooth_l1_loss(deltas[positive], regression_targets[positive], beta=1 / 9,
+                                    reduction="sum") / sampled.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled])
+        return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage two: the box head (Faster R-CNN)
+# ----------------------------------------------------------------------------------------------
+
+
+class BoxHead(nn.Module):
+    """Two fully connected layers on the flattened 7x7 RoI features: ``[K,C,7,7] -> [K,D]``."""
+
+    def __init__(self, in_features: int, representation_size: int) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+
+
+class BoxPredictor(nn.Module):
+    """Class logits ``[K, classes]`` and one box refinement per class ``[K, 4*classes]``."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(in_features, num_classes)
+        self.bbox_pred = nn.Linear(in_features, 4 * num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+@dataclass
+class RoISamples:
+    """Stage two's training examples per image: proposals, their labels, matched ground truth."""
+
+    proposals: list[torch.Tensor]  # [S_i,4]
+    labels: list[torch.Tensor]  # [S_i] int64, 0 = background
+    matched: list[torch.Tensor]  # [S_i] index of the matched ground-truth object (clamped at 0)
+    regression_targets: list[torch.Tensor] = field(default_factory=list)  # [S_i,4]
+
+
+def fast_rcnn_loss(class_logits: torch.Tensor, box_regression: torch.Tensor, labels: torch.Tensor,
+                   regression_targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cross-entropy over all samples; smooth L1 on the positives' *own class* box (``[K,classes]``, ``[K,4*classes]``)."""
+    classification_loss = F.cross_entropy(class_logits, labels)
+    positive = torch.nonzero(labels > 0).squeeze(1)
+    box_regression = box_regression.reshape(len(class_logits), -1, 4)
+    box_loss = F.smooth_l1_loss(box_regression[positive, labels[positive]], regression_targets[positive],
+                                beta=1 / 9, reduction="sum") / labels.numel()
+    return {"loss_classifier": classification_loss, "loss_box_reg": box_loss}
+
+
+class FasterRCNN(nn.Module):
+    """``model(images: list[[3,H,W]] in 0..1, targets=None)``: losses in training, detections in eval.
+
+    Detections per image: ``boxes [N,4]`` (xyxy, input pixels), ``labels [N]`` (1..K), ``scores [N]``.
+    """
+
+    task = "instance"
+    box_pool_size = 7  # RoIAlign output for the box head
+    sampling_ratio = 2  # RoIAlign samples per bin side
+
+    def __init__(self, backbone: BackboneFPN, num_classes: int, config: RCNNConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or RCNNConfig()
+        self.num_classes = num_classes
+        self.transform = DetectionTransform(config.min_size, config.max_size, config.image_mean, config.image_std)
+        self.backbone = backbone
+        self.rpn = RegionProposalNetwork(backbone.channels, config)
+        self.box_head = BoxHead(backbone.channels * self.box_pool_size ** 2, config.representation_size)
+        self.box_predictor = BoxPredictor(config.representation_size, num_classes)
+        self.box_coder = BoxCoder(config.bbox_reg_weights)
+
+    def forward(self, images: Sequence[torch.Tensor], targets: list[dict] | None = None):
+        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        if self.training:
+            check_targets(targets, len(images))
+        batch, targets = self.transform(images, targets if self.training else None)
+        features = self.backbone(batch.tensors)  # [P2..P6]
+        proposals, losses = self.rpn(batch, features, targets)
+        # RoIs are pooled from P2..P5; P6 only gives the RPN room for the largest anchors
+        detections, roi_losses = self.roi_heads(features[:4], proposals, batch.image_sizes, targets)
+        if self.training:
+            return {**losses, **roi_losses}
+        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+    def pool(self, features: list[torch.Tensor], boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]],
+             output_size: int) -> torch.Tensor:
+        """RoIAlign every box on the FPN level that suits its size: ``[sum K_i, C, size, size]``."""
+        return multiscale_roi_align(features, boxes, image_sizes, output_size, self.sampling_ratio, roi_align=roi_align)
+
+    def roi_heads(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
+                  image_sizes: list[tuple[int, int]], targets: list[dict] | None
+                  ) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        """Stage two: training losses on sampled proposals, or detections (with the branches' outputs)."""
+        if self.training:
+            samples = self.sample_proposals(proposals, targets)
+            box_features = self.box_head(self.pool(features, samples.proposals, image_sizes, self.box_pool_size))
+            class_logits, box_regression = self.box_predictor(box_features)
+            losses = fast_rcnn_loss(class_logits, box_regression, torch.cat(samples.labels),
+                                    torch.cat(samples.regression_targets))
+            losses.update(self.branch_losses(features, image_sizes, samples, targets))
+            return [], losses
+        box_features = self.box_head(self.pool(features, proposals, image_sizes, self.box_pool_size))
+        detections = self.detect(*self.box_predictor(box_features), proposals, image_sizes)
+        self.add_branch_outputs(features, image_sizes, detections)
+        return detections, {}
+
+    def branch_losses(self, features: list[torch.Tensor], image_sizes: list[tuple[int, int]], samples: "RoISamples",
+                      targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Losses of the branches a subclass adds after the box head (Mask R-CNN: the mask). None here."""
+        return {}
+
+    def add_branch_outputs(self, features: list[torch.Tensor], image_sizes: list[tuple[int, int]],
+                           detections: list[dict]) -> None:
+        """Outputs of the branches a subclass adds, written into ``detections``. None here."""
+
+    def sample_proposals(self, proposals: list[torch.Tensor], targets: list[dict]) -> RoISamples:
+        """Label proposals by IoU with the ground truth (>= 0.5 object) and sample 512 per image, 1/4 positive.
+
+        The ground-truth boxes join the proposals: early in training the RPN proposes nothing
+        useful, and the box head still gets perfect positives to learn from.
+        """
+        cfg = self.config
+        proposals = [torch.cat([p, t["boxes"].to(p.dtype)]) for p, t in zip(proposals, targets)]
+        labels, matched = [], []
+        for image_proposals, target in zip(proposals, targets):
+            if target["boxes"].numel() == 0:
+                matched.append(torch.zeros(len(image_proposals), dtype=torch.int64, device=image_proposals.device))
+                labels.append(torch.zeros(len(image_proposals), dtype=torch.int64, device=image_proposals.device))
+                continue
+            matches = match_boxes(box_iou(target["boxes"], image_proposals), cfg.box_fg_iou_thresh,
+                                  cfg.box_bg_iou_thresh, allow_low_quality=False)
+            image_labels = target["labels"][matches.clamp(min=0)].to(torch.int64)
+            image_labels[matches == BELOW_LOW_THRESHOLD] = 0
+            image_labels[matches == BETWEEN_THRESHOLDS] = -1
+            matched.append(matches.clamp(min=0))
+            labels.append(image_labels)
+        positive, negative = sample_balanced(labels, cfg.box_batch_size_per_image, cfg.box_positive_fraction)
+        samples = RoISamples([], [], [])
+        for i, (pos, neg) in enumerate(zip(positive, negative)):
+            keep = torch.nonzero(pos | neg).squeeze(1)
+            samples.proposals.append(proposals[i][keep])
+            samples.labels.append(labels[i][keep])
+            samples.matched.append(matched[i][keep])
+        matched_boxes = [t["boxes"][m] if t["boxes"].numel() else torch.zeros_like(p)
+                         for t, m, p in zip(targets, samples.matched, samples.proposals)]
+        samples.regression_targets = list(self.box_coder.encode(matched_boxes, samples.proposals))
+        return samples
+
+    def detect(self, class_logits: torch.Tensor, box_regression: torch.Tensor, proposals: list[torch.Tensor],
+               image_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Per image: a box per (proposal, class) with that class's probability, thresholded, NMS per class.
+
+        ``class_logits [K,classes]``, ``box_regression [K,4*classes]`` for the ``K`` proposals of all images.
+        """
+        cfg = self.config
+        counts = [len(p) for p in proposals]
+        boxes_all = self.box_coder.decode(box_regression, proposals).split(counts)  # [K_i,classes,4]
+        scores_all = F.softmax(class_logits, -1).split(counts)
+        detections = []
+        for boxes, scores, size in zip(boxes_all, scores_all, image_sizes):
+            boxes = clip_boxes_to_image(boxes, size)
+            labels = torch.arange(scores.shape[1], device=scores.device).view(1, -1).expand_as(scores)
+            # drop the background column; every remaining (proposal, class) pair is a candidate
+            boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+            keep = torch.nonzero(scores > cfg.box_score_thresh).squeeze(1)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = remove_small_boxes(boxes, 1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = batched_nms(boxes, scores, labels, cfg.box_nms_thresh)[: cfg.box_detections_per_img]
+            detections.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+        return detections
+
+
+# ----------------------------------------------------------------------------------------------
+# The mask branch (Mask R-CNN)
+# ----------------------------------------------------------------------------------------------
+
+
+class MaskHead(nn.Module):
+    """Four 3x3 convolutions, a 2x transposed convolution, one mask logit map per class.
+
+    ``[K,C,14,14] -> [K,classes,28,28]``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, layers: int = 4) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1)
+                                   for i in range(layers))
+        self.upsample = nn.ConvTranspose2d(channels, channels, 2, stride=2)
+        self.logits = nn.Conv2d(channels, num_classes, 1)
+        for layer in [*self.convs, self.upsample, self.logits]:
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.logits(F.relu(self.upsample(x)))
+
+
+def project_masks_on_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched: torch.Tensor,
+                           size: int) -> torch.Tensor:
+    """Each box's matched ground-truth mask cut out and resampled to ``[K,size,size]`` (RoIAlign).
+
+    The target is the part of the object *inside the proposal*, in the proposal's frame: the
+    same crop the mask head sees.
+    """
+    rois = torch.cat([matched[:, None].to(boxes), boxes], dim=1)
+    return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0)[:, 0]
+
+
+def mask_loss(mask_logits: torch.Tensor, labels: torch.Tensor, mask_targets: torch.Tensor) -> torch.Tensor:
+    """Per-pixel binary cross-entropy on the ground-truth class's mask only (``[K,classes,M,M]``)."""
+    if mask_targets.numel() == 0:
+        return mask_logits.sum() * 0  # no positive RoI: a zero that still reaches every parameter
+    own_class = mask_logits[torch.arange(len(labels), device=labels.device), labels]
+    return F.binary_cross_entropy_with_logits(own_class, mask_targets)
+
+
+class MaskRCNN(FasterRCNN):
+    """Faster R-CNN plus a mask per detection: detections also hold ``masks [N,1,H,W]`` (probabilities)."""
+
+    mask_pool_size = 14
+
+    def __init__(self, backbone: BackboneFPN, num_classes: int, config: RCNNConfig | None = None) -> None:
+        super().__init__(backbone, num_classes, config)
+        self.mask_head = MaskHead(backbone.channels, num_classes, self.config.mask_head_channels,
+                                  self.config.mask_head_layers)
+
+    def masks_for(self, features: list[torch.Tensor], boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoI features ``[K,C,14,14]`` and mask logits ``[K,classes,28,28]`` for the boxes of all images."""
+        roi_features = self.pool(features, boxes, image_sizes, self.mask_pool_size)
+        return roi_features, self.mask_head(roi_features)
+
+    def positive_samples(self, samples: RoISamples, targets: list[dict]
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """The positive proposals per image, their matched object indices, and their labels ``[K]``."""
+        positive = [torch.nonzero(labels > 0).squeeze(1) for labels in samples.labels]
+        boxes = [p[i] for p, i in zip(samples.proposals, positive)]
+        matched = [m[i] for m, i in zip(samples.matched, positive)]
+        labels = torch.cat([t["labels"][m] for t, m in zip(targets, matched)])
+        return boxes, matched, labels
+
+    def branch_losses(self, features, image_sizes, samples: RoISamples, targets: list[dict]) -> dict[str, torch.Tensor]:
+        boxes, matched, labels = self.positive_samples(samples, targets)
+        _, mask_logits = self.masks_for(features, boxes, image_sizes)
+        size = mask_logits.shape[-1]
+        mask_targets = torch.cat([project_masks_on_boxes(t["masks"], b, m, size)
+                                  for t, b, m in zip(targets, boxes, matched)])
+        return {"loss_mask": mask_loss(mask_logits, labels, mask_targets)}
+
+    def add_branch_outputs(self, features, image_sizes, detections: list[dict]) -> torch.Tensor:
+        """Adds ``masks [N,1,28,28]`` (the detected class's probabilities) to each detection; returns the RoI features."""
+        roi_features, mask_logits = self.masks_for(features, [d["boxes"] for d in detections], image_sizes)
+        labels = torch.cat([d["labels"] for d in detections])
+        masks = mask_logits[torch.arange(len(labels), device=labels.device), labels][:, None].sigmoid()
+        for detection, image_masks in zip(detections, masks.split([len(d["boxes"]) for d in detections])):
+            detection["masks"] = image_masks
+        return roi_features
+
+
+# ----------------------------------------------------------------------------------------------
+# The mask scoring branch (Mask Scoring R-CNN)
+# ----------------------------------------------------------------------------------------------
+
+
+class MaskIoUHead(nn.Module):
+    """Predicts each mask's IoU with its object: ``features [K,C,14,14], mask [K,1,28,28] -> [K,classes]``.
+
+    The 28x28 mask is max-pooled to 14x14 and concatenated to the RoI features; four 3x3
+    convolutions (the last with stride 2) and three fully connected layers follow (the paper's
+    Figure 3), one IoU per class as for the masks.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, hidden: int = 1024,
+                 roi_size: int = 14) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels + 1 if i == 0 else channels, channels, 3, padding=1, stride=2 if i == 3 else 1)
+            for i in range(4))
+        self.fc1 = nn.Linear(channels * (roi_size // 2) ** 2, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.iou = nn.Linear(hidden, num_classes)
+        for conv in self.convs:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        for fc in (self.fc1, self.fc2):
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+        nn.init.normal_(self.iou.weight, std=0.01)
+        nn.init.zeros_(self.iou.bias)
+
+    def forward(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([features, F.max_pool2d(masks, kernel_size=2, stride=2)], dim=1)
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.iou(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+def gt_area_inside_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+    """Fraction of each matched object's pixels that lie inside its box, ``[K]``, via integral images.
+
+    The mask target only shows the object inside the proposal; dividing by this fraction gives
+    the whole object's area in the target's units, so that a mask that misses a part of the
+    object cut off by the box is still penalised.
+    """
+    masks = gt_masks.to(torch.float32)  # [G,H,W]
+    integral = F.pad(masks.cumsum(1).cumsum(2), (1, 0, 1, 0))  # [G,H+1,W+1]: sum over [0,y) x [0,x)
+    height, width = masks.shape[-2:]
+    # whole pixels whose centre lies in the box, as the projected target counts them
+    x1 = (boxes[:, 0] - 0.5).ceil().clamp(0, width).long()
+    y1 = (boxes[:, 1] - 0.5).ceil().clamp(0, height).long()
+    x2 = (boxes[:, 2] - 0.5).ceil().clamp(0, width).long().maximum(x1)
+    y2 = (boxes[:, 3] - 0.5).ceil().clamp(0, height).long().maximum(y1)
+    g = matched
+    inside = integral[g, y2, x2] - integral[g, y1, x2] - integral[g, y2, x1] + integral[g, y1, x1]
+    total = integral[g, -1, -1]
+    return inside / total.clamp(min=1)
+
+
+def mask_iou_targets(mask_logits: torch.Tensor, mask_targets: torch.Tensor, inside_fraction: torch.Tensor
+                     ) -> torch.Tensor:
+    """IoU of each binarised predicted mask (``[K,M,M]`` logits > 0) with its object, ``[K]``."""
+    predicted = (mask_logits > 0).float()
+    truth = (mask_targets >= 0.5).float()
+    intersection = (predicted * truth).sum((1, 2))
+    truth_area = truth.sum((1, 2)) / inside_fraction.clamp(min=1e-6)
+    union = predicted.sum((1, 2)) + truth_area - intersection
+    return intersection / union.clamp(min=1.0)
+
+
+class MaskScoringRCNN(MaskRCNN):
+    """Mask R-CNN whose detection scores are ``class probability x predicted mask IoU``.
+
+    Detections also hold ``mask_iou [N]`` (the MaskIoU head's estimate) and ``class_scores [N]``.
+    """
+
+    def __init__(self, backbone: BackboneFPN, num_classes: int, config: RCNNConfig | None = None) -> None:
+        super().__init__(backbone, num_classes, config)
+        self.maskiou_head = MaskIoUHead(backbone.channels, num_classes, roi_size=self.mask_pool_size)
+
+    def branch_losses(self, features, image_sizes, samples: RoISamples, targets: list[dict]) -> dict[str, torch.Tensor]:
+        boxes, matched, labels = self.positive_samples(samples, targets)
+        roi_features, mask_logits = self.masks_for(features, boxes, image_sizes)
+        size = mask_logits.shape[-1]
+        mask_targets = torch.cat([project_masks_on_boxes(t["masks"], b, m, size)
+                                  for t, b, m in zip(targets, boxes, matched)])
+        losses = {"loss_mask": mask_loss(mask_logits, labels, mask_targets)}
+        if mask_targets.numel() == 0:
+            losses["loss_maskiou"] = sum(p.sum() * 0 for p in self.maskiou_head.parameters())
+            return losses
+        index = torch.arange(len(labels), device=labels.device)
+        own_logits = mask_logits[index, labels].detach()  # the head judges the masks, it does not change them
+        inside = torch.cat([gt_area_inside_boxes(t["masks"], b, m) for t, b, m in zip(targets, boxes, matched)])
+        iou_targets = mask_iou_targets(own_logits, mask_targets, inside)
+        predicted_iou = self.maskiou_head(roi_features, own_logits.sigmoid()[:, None])[index, labels]
+        losses["loss_maskiou"] = self.config.maskiou_weight * F.mse_loss(predicted_iou, iou_targets)
+        return losses
+
+    def add_branch_outputs(self, features, image_sizes, detections: list[dict]) -> torch.Tensor:
+        roi_features = super().add_branch_outputs(features, image_sizes, detections)
+        masks = torch.cat([d["masks"] for d in detections])
+        labels = torch.cat([d["labels"] for d in detections])
+        iou = self.maskiou_head(roi_features, masks)[torch.arange(len(labels), device=labels.device), labels]
+        for detection, image_iou in zip(detections, iou.split([len(d["boxes"]) for d in detections])):
+            detection["class_scores"] = detection["scores"]
+            detection["mask_iou"] = image_iou
+            detection["scores"] = detection["scores"] * image_iou.clamp(0, 1)
+        return roi_features
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders and the torchvision port
+# ----------------------------------------------------------------------------------------------
+
+
+def _build(model_class, num_classes: int, backbone: str, pretrained_backbone: bool, fpn_channels: int,
+           trainable_layers: int | None, **kwargs) -> FasterRCNN:
+    config, unknown = RCNNConfig.from_kwargs(kwargs)
+    if unknown:
+        raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; settings are the fields of RCNNConfig")
+    body = backbone_fpn(backbone, fpn_channels, pretrained=pretrained_backbone, trainable_layers=trainable_layers)
+    return model_class(body, num_classes, config)
+
+
+@register("faster_rcnn")
+def faster_rcnn(num_classes: int, backbone: str = "resnet50", pretrained_backbone: bool = False,
+                fpn_channels: int = 256, trainable_layers: int | None = None, **config) -> FasterRCNN:
+    """Faster R-CNN with FPN; ``config`` overrides :class:`RCNNConfig` fields (e.g. ``min_size=512``)."""
+    return _build(FasterRCNN, num_classes, backbone, pretrained_backbone, fpn_channels, trainable_layers, **config)
+
+
+@register("mask_rcnn")
+def mask_rcnn(num_classes: int, backbone: str = "resnet50", pretrained_backbone: bool = False,
+              fpn_channels: int = 256, trainable_layers: int | None = None, **config) -> MaskRCNN:
+    """Mask R-CNN with FPN; ``config`` overrides :class:`RCNNConfig` fields."""
+    return _build(MaskRCNN, num_classes, backbone, pretrained_backbone, fpn_channels, trainable_layers, **config)
+
+
+@register("ms_rcnn")
+def ms_rcnn(num_classes: int, backbone: str = "resnet50", pretrained_backbone: bool = False,
+            fpn_channels: int = 256, trainable_layers: int | None = None, **config) -> MaskScoringRCNN:
+    """Mask Scoring R-CNN with FPN; ``config`` overrides :class:`RCNNConfig` fields."""
+    return _build(MaskScoringRCNN, num_classes, backbone, pretrained_backbone, fpn_channels, trainable_layers,
+                  **config)
+
+
+# torchvision state-dict key prefixes -> minis ones (the rest of each key is unchanged)
+_KEY_MAP = (
+    ("backbone.fpn.inner_blocks.{i}.0.", "backbone.fpn.lateral.{i}."),
+    ("backbone.fpn.layer_blocks.{i}.0.", "backbone.fpn.smooth.{i}."),
+    ("rpn.head.conv.0.0.", "rpn.head.conv."),
+    ("rpn.head.cls_logits.", "rpn.head.objectness."),
+    ("rpn.head.bbox_pred.", "rpn.head.deltas."),
+    ("roi_heads.box_head.", "box_head."),
+    ("roi_heads.box_predictor.", "box_predictor."),
+    ("roi_heads.mask_head.{i}.0.", "mask_head.convs.{i}."),
+    ("roi_heads.mask_predictor.conv5_mask.", "mask_head.upsample."),
+    ("roi_heads.mask_predictor.mask_fcn_logits.", "mask_head.logits."),
+)
+
+
+def _minis_key(key: str) -> str:
+    for source, target in _KEY_MAP:
+        if "{i}" not in source:
+            if key.startswith(source):
+                return target + key[len(source):]
+            continue
+        head, tail = source.split("{i}")
+        if key.startswith(head):
+            index, _, rest = key[len(head):].partition(".")
+            if index.isdigit() and ("." + rest).startswith(tail):
+                return target.format(i=index) + ("." + rest)[len(tail):]
+    return key
+
+
+def _config_from_torchvision(tv_model: nn.Module) -> RCNNConfig:
+    transform, rpn, heads = tv_model.transform, tv_model.rpn, tv_model.roi_heads
+    if getattr(transform, "fixed_size", None) is not None or getattr(transform, "_skip_resize", False):
+        raise ValueError("torchvision models with a fixed_size or _skip_resize transform have no minis port")
+    generator = rpn.anchor_generator
+    if any(len(sizes) != 1 for sizes in generator.sizes) or len(set(map(tuple, generator.aspect_ratios))) != 1:
+        raise ValueError("the port expects one anchor size per FPN level and the same aspect ratios on every level")
+    for pooler, size in ((heads.box_roi_pool, 7), (getattr(heads, "mask_roi_pool", None), 14)):
+        if pooler is not None and (tuple(pooler.output_size) != (size, size) or pooler.sampling_ratio != 2
+                                   or list(pooler.featmap_names) != ["0", "1", "2", "3"]):
+            raise ValueError(f"the port expects RoIAlign {size}x{size}, sampling ratio 2, on FPN levels 0-3")
+    return RCNNConfig(
+        min_size=tuple(transform.min_size) if len(transform.min_size) > 1 else transform.min_size[0],
+        max_size=transform.max_size, image_mean=tuple(transform.image_mean), image_std=tuple(transform.image_std),
+        anchor_sizes=tuple(sizes[0] for sizes in generator.sizes), aspect_ratios=tuple(generator.aspect_ratios[0]),
+        rpn_pre_nms_top_n_train=rpn._pre_nms_top_n["training"], rpn_pre_nms_top_n_test=rpn._pre_nms_top_n["testing"],
+        rpn_post_nms_top_n_train=rpn._post_nms_top_n["training"],
+        rpn_post_nms_top_n_test=rpn._post_nms_top_n["testing"],
+        rpn_nms_thresh=rpn.nms_thresh, rpn_fg_iou_thresh=rpn.proposal_matcher.high_threshold,
+        rpn_bg_iou_thresh=rpn.proposal_matcher.low_threshold,
+        rpn_batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
+        rpn_positive_fraction=rpn.fg_bg_sampler.positive_fraction, rpn_score_thresh=rpn.score_thresh,
+        representation_size=heads.box_head.fc7.out_features,
+        box_score_thresh=heads.score_thresh, box_nms_thresh=heads.nms_thresh,
+        box_detections_per_img=heads.detections_per_img,
+        box_fg_iou_thresh=heads.proposal_matcher.high_threshold, box_bg_iou_thresh=heads.proposal_matcher.low_threshold,
+        box_batch_size_per_image=heads.fg_bg_sampler.batch_size_per_image,
+        box_positive_fraction=heads.fg_bg_sampler.positive_fraction,
+        bbox_reg_weights=tuple(heads.box_coder.weights),
+    )
+
+
+def _backbone_from_torchvision(tv_model: nn.Module) -> BackboneFPN:
+    """A minis ResNet-FPN shaped like the torchvision model's (depth, width, norm layer)."""
+    from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    from minis.nn.backbones import DEPTHS, ResNet
+
+    body = tv_model.backbone.body
+    fpn = tv_model.backbone.fpn
+    if not isinstance(fpn.extra_blocks, LastLevelMaxPool):
+        raise ValueError(f"the port expects FPN's LastLevelMaxPool extra block, got {type(fpn.extra_blocks).__name__}")
+    blocks = tuple(len(getattr(body, f"layer{i}")) for i in range(1, 5))
+    kind = "bottleneck" if hasattr(body.layer1[0], "conv3") else "basic"
+    depth = next((d for d, (k, b) in DEPTHS.items() if k == kind and b == blocks), None)
+    if depth is None:
+        raise ValueError(f"no minis ResNet with {kind} blocks {blocks}")
+    frozen = isinstance(body.bn1, TorchvisionFrozenBN)
+    minis_body = ResNet(depth, 32, frozen_bn=frozen, width=body.conv1.out_channels)
+    for name, parameter in body.named_parameters():  # keep which stages are frozen
+        minis_body.get_parameter(name).requires_grad_(parameter.requires_grad)
+    return BackboneFPN(minis_body, fpn.layer_blocks[0][0].out_channels)
+
+
+@register_port("FasterRCNN")
+@register_port("MaskRCNN")
+def from_torchvision_rcnn(tv_model: nn.Module) -> FasterRCNN:
+    """torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` (any weights) as a minis model.
+
+    Same weights, same settings (image sizes, normalisation, thresholds, detections per image),
+    same outputs. The ``_v2`` variants (convolutional box head with batch norm) are refused.
+    """
+    heads = tv_model.roi_heads
+    if type(heads.box_head).__name__ != "TwoMLPHead":
+        raise ValueError(f"the port handles the TwoMLPHead box head (not the _v2 models), got "
+                         f"{type(heads.box_head).__name__}")
+    has_mask = getattr(heads, "mask_predictor", None) is not None
+    num_classes = heads.box_predictor.cls_score.out_features
+    config = _config_from_torchvision(tv_model)
+    if has_mask:
+        config.mask_head_channels = heads.mask_predictor.conv5_mask.out_channels
+        config.mask_head_layers = len(heads.mask_head)
+    model = (MaskRCNN if has_mask else FasterRCNN)(_backbone_from_torchvision(tv_model), num_classes, config)
+    state = {_minis_key(k): v for k, v in tv_model.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    model.build_args = {"name": "mask_rcnn" if has_mask else "faster_rcnn", "num_classes": num_classes,
+                        "backbone": f"resnet{model.backbone.body.depth}", "fpn_channels": model.backbone.channels,
+                        **{k: v for k, v in asdict(config).items() if getattr(RCNNConfig, k, None) != v}}
+    return model.train(tv_model.training)

@@ -1,0 +1,194 @@
+"""Plumbing every detector shares: resizing and batching images, matching boxes, sampling them.
+
+* :class:`DetectionTransform` normalises each image, resizes it so that its short side is
+  ``min_size`` (the long side at most ``max_size``), pads the batch to a multiple of 32 and, after
+  the model has run, maps boxes and masks back to the original image.
+* :func:`match_boxes` assigns each anchor or proposal the ground-truth box it overlaps most, or
+  marks it background / ignored by IoU thresholds.
+* :func:`sample_balanced` picks a fixed number of training examples per image with at most a
+  given fraction of positives, because background outnumbers objects by hundreds to one.
+
+The numbers follow torchvision's ``GeneralizedRCNNTransform``, ``Matcher`` and
+``BalancedPositiveNegativeSampler`` (tests compare them), including the order of random draws,
+so that a minis model and torchvision's trained from the same random state see the same samples.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minis.nn.layers import IMAGENET_MEAN, IMAGENET_STD
+from minis.ops.masks import paste_masks_in_image
+
+BELOW_LOW_THRESHOLD = -1  # match_boxes: IoU below the background threshold
+BETWEEN_THRESHOLDS = -2  # match_boxes: neither object nor background; ignored by the loss
+
+
+class ImageBatch:
+    """Padded images ``tensors [B,3,H,W]`` and each image's size before padding, ``image_sizes``."""
+
+    def __init__(self, tensors: torch.Tensor, image_sizes: list[tuple[int, int]]) -> None:
+        self.tensors = tensors
+        self.image_sizes = image_sizes
+
+
+def resize_boxes(boxes: torch.Tensor, old_size: Sequence[int], new_size: Sequence[int]) -> torch.Tensor:
+    """Scale xyxy ``boxes [N,4]`` from an image of ``old_size (h, w)`` to one of ``new_size``."""
+    ratio_h, ratio_w = (
+        torch.tensor(new, dtype=torch.float32, device=boxes.device) / torch.tensor(old, dtype=torch.float32, device=boxes.device)
+        for new, old in zip(new_size, old_size)
+    )
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack([x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h], dim=1)
+
+
+class DetectionTransform(nn.Module):
+    """Normalise, resize and batch images (and their targets); map predictions back.
+
+    ``min_size`` may be a tuple: in training each image then gets a short side drawn from it
+    (multi-scale training); evaluation always uses the last one.
+    """
+
+    def __init__(self, min_size: int | Sequence[int] = 800, max_size: int = 1333,
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
+                 size_divisible: int = 32) -> None:
+        super().__init__()
+        self.min_size = (min_size,) if isinstance(min_size, int) else tuple(min_size)
+        self.max_size = max_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.size_divisible = size_divisible
+
+    def extra_repr(self) -> str:
+        return f"min_size={self.min_size}, max_size={self.max_size}, mean={self.image_mean}, std={self.image_std}"
+
+    def forward(self, images: Sequence[torch.Tensor], targets: list[dict] | None = None
+                ) -> tuple[ImageBatch, list[dict] | None]:
+        """``images``: list of ``[3,H_i,W_i]`` in 0..1. Returns the batch and the resized targets (copies)."""
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"image {i}: expected a [3,H,W] tensor, got shape {tuple(image.shape)}")
+        targets = [dict(t) for t in targets] if targets is not None else None
+        resized = []
+        for i, image in enumerate(images):
+            image, target = self.resize(self.normalize(image), targets[i] if targets is not None else None)
+            resized.append(image)
+            if targets is not None:
+                targets[i] = target
+        image_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in resized]
+        return ImageBatch(self.pad_and_stack(resized), image_sizes), targets
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
+        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def resize(self, image: torch.Tensor, target: dict | None) -> tuple[torch.Tensor, dict | None]:
+        """Scale so the short side is ``min_size`` unless the long side would pass ``max_size``."""
+        if self.training:  # one draw per image, even with a single size: keeps the random stream aligned
+            min_size = self.min_size[int(torch.empty(1).uniform_(0.0, float(len(self.min_size))).item())]
+        else:
+            min_size = self.min_size[-1]
+        height, width = image.shape[-2:]
+        scale = min(min_size / min(height, width), self.max_size / max(height, width))
+        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                              align_corners=False)[0]
+        if target is None:
+            return image, None
+        target["boxes"] = resize_boxes(target["boxes"], (height, width), image.shape[-2:])
+        if "masks" in target:
+            masks = target["masks"][:, None].float()
+            target["masks"] = F.interpolate(masks, scale_factor=scale, recompute_scale_factor=True)[:, 0].byte()
+        return image, target
+
+    def pad_and_stack(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """``[B,3,H,W]``: every image in the top-left corner of a zero canvas, sides multiples of 32.
+
+        A multiple of the coarsest stride keeps every FPN level aligned with the level above.
+        """
+        stride = self.size_divisible
+        height = max(image.shape[-2] for image in images)
+        width = max(image.shape[-1] for image in images)
+        height, width = (-(-height // stride) * stride, -(-width // stride) * stride)
+        batch = images[0].new_zeros(len(images), 3, height, width)
+        for canvas, image in zip(batch, images):
+            canvas[:, : image.shape[-2], : image.shape[-1]].copy_(image)
+        return batch
+
+    def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
+                    original_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Boxes back to original pixels; ``masks [N,1,M,M]`` pasted into ``[N,1,H,W]`` probabilities."""
+        for detection, size, original in zip(detections, image_sizes, original_sizes):
+            detection["boxes"] = resize_boxes(detection["boxes"], size, original)
+            if "masks" in detection:
+                detection["masks"] = paste_masks_in_image(detection["masks"], detection["boxes"], original)
+        return detections
+
+
+def check_targets(targets: list[dict] | None, num_images: int) -> list[dict]:
+    """Refuse training targets a detector cannot learn from, naming the image and the field."""
+    if targets is None:
+        raise ValueError("training mode needs targets: model(images, targets)")
+    if len(targets) != num_images:
+        raise ValueError(f"got {num_images} images but {len(targets)} targets")
+    for i, target in enumerate(targets):
+        image_id = target.get("image_id", f"#{i}")
+        for field in ("boxes", "labels"):
+            if field not in target:
+                raise ValueError(f"image id {image_id}: target has no {field!r}")
+        boxes = target["boxes"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"image id {image_id}: 'boxes' must be [N,4], got {tuple(boxes.shape)}")
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if degenerate.any():
+            first = int(degenerate.nonzero()[0])
+            raise ValueError(f"image id {image_id}: box {first} {boxes[first].tolist()} has no width or no height")
+    return targets
+
+
+def match_boxes(quality: torch.Tensor, high: float, low: float, allow_low_quality: bool) -> torch.Tensor:
+    """For each prediction (column of ``quality [G,P]``, an IoU matrix) its ground truth or a flag.
+
+    Returns ``[P]`` int64: the index of the best-overlapping ground truth when its IoU >= ``high``;
+    :data:`BELOW_LOW_THRESHOLD` when the IoU < ``low`` (background); :data:`BETWEEN_THRESHOLDS`
+    otherwise (ignored). ``allow_low_quality`` (the RPN's rule) also keeps, for every ground truth,
+    the predictions that overlap it best even below ``high``: without it a small or oddly shaped
+    object that no anchor covers at IoU 0.7 would never be a positive.
+    """
+    best_iou, matches = quality.max(dim=0)
+    best_before_thresholds = matches.clone() if allow_low_quality else None
+    matches[best_iou < low] = BELOW_LOW_THRESHOLD
+    matches[(best_iou >= low) & (best_iou < high)] = BETWEEN_THRESHOLDS
+    if allow_low_quality:
+        best_per_truth = quality.max(dim=1).values
+        # every prediction that ties with a ground truth's best overlap (ties are common for anchors)
+        _, predictions = torch.nonzero(quality == best_per_truth[:, None], as_tuple=True)
+        matches[predictions] = best_before_thresholds[predictions]
+    return matches
+
+
+def sample_balanced(labels: list[torch.Tensor], per_image: int, positive_fraction: float
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Masks of the sampled positives (``label >= 1``) and negatives (``label == 0``) per image.
+
+    At most ``per_image * positive_fraction`` positives, drawn at random; negatives fill the rest.
+    Labels of ``-1`` (ignored) are never sampled. Returns two lists of ``[N_i]`` uint8 masks.
+    """
+    positives, negatives = [], []
+    for image_labels in labels:
+        positive = torch.nonzero(image_labels >= 1).squeeze(1)
+        negative = torch.nonzero(image_labels == 0).squeeze(1)
+        num_positive = min(positive.numel(), int(per_image * positive_fraction))
+        num_negative = min(negative.numel(), per_image - num_positive)
+        chosen_positive = positive[torch.randperm(positive.numel(), device=positive.device)[:num_positive]]
+        chosen_negative = negative[torch.randperm(negative.numel(), device=negative.device)[:num_negative]]
+        positive_mask = torch.zeros_like(image_labels, dtype=torch.uint8)
+        negative_mask = torch.zeros_like(image_labels, dtype=torch.uint8)
+        positive_mask[chosen_positive] = 1
+        negative_mask[chosen_negative] = 1
+        positives.append(positive_mask)
+        negatives.append(negative_mask)
+    return positives, negatives
