@@ -312,7 +312,8 @@ def test_feature_scales_equal_torchvision() -> None:
 def fpn_features(seed: int, channels: int = 4) -> dict[str, torch.Tensor]:
     """An FPN's output for a batch padded to 800 x 1216: maps '0'..'3' at strides 4..32, and 'pool'."""
     generator = torch.Generator().manual_seed(seed)
-    maps = {str(i): torch.randn(2, channels, 800 // s, 1216 // s, generator=generator) for i, s in enumerate((4, 8, 16, 32))}
+    maps = {str(i): torch.randn(2, channels, 800 // s, 1216 // s, generator=generator)
+            for i, s in enumerate((4, 8, 16, 32))}
     maps["pool"] = torch.randn(2, channels, 13, 19, generator=generator)  # LastLevelMaxPool: never pooled from
     return maps
 
@@ -352,11 +353,11 @@ def test_multiscale_roi_align_infers_the_scales_on_every_call() -> None:
     # torchvision's module keeps the scales of its first batch; ours recomputes them, so a module
     # used on a batch of another size agrees with a fresh torchvision module
     ours = ops.MultiScaleRoIAlign(["0", "1"], 5, 2)
-    small = {"0": torch.randn(1, 2, 100, 100), "1": torch.randn(1, 2, 50, 50)}
+    small = {"0": torch.randn(1, 2, 50, 50), "1": torch.randn(1, 2, 25, 25)}  # strides 8 and 16, not 4 and 8
     boxes = [pyramid_boxes(8, 29, extent=300.0)]
     ours(fpn_features(30), [pyramid_boxes(3, 31)], [(800, 1216)] * 2)
-    torch.testing.assert_close(ours(small, boxes, [(400, 400)]),
-                               tv_ops.MultiScaleRoIAlign(["0", "1"], 5, 2)(small, boxes, [(400, 400)]), rtol=1e-5, atol=1e-5)
+    theirs = tv_ops.MultiScaleRoIAlign(["0", "1"], 5, 2)(small, boxes, [(400, 400)])
+    torch.testing.assert_close(ours(small, boxes, [(400, 400)]), theirs, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

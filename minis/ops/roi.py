@@ -207,8 +207,8 @@ def fpn_level(boxes: torch.Tensor, k_min: int, k_max: int, canonical_scale: int 
 
     Eq. 1 of the FPN paper (Lin et al., CVPR 2017): ``k = floor(k0 + log2(sqrt(w h) / 224))``. A
     224-pixel box (an ImageNet-sized object) goes to level ``k0 = 4`` (stride 16), a box half as
-    big to the level below, and so on, clamped to the levels there are. ``eps`` keeps a box of
-    exactly 112 or 448 pixels from falling a level lower through rounding; a zero-area box
+    big to the level below, and so on, clamped to the levels there are. ``eps`` lifts a size that
+    rounding left just below a level's border (``224 * 2**j``) back onto it; a zero-area box
     (``log2(0) = -inf``) ends on ``k_min``. Same numbers as torchvision's ``LevelMapper``.
     """
     size = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
@@ -296,4 +296,5 @@ class MultiScaleRoIAlign(nn.Module):
                                     self.canonical_scale, self.canonical_level, roi_align=self.roi_align)
 
     def extra_repr(self) -> str:
-        return f"featmap_names={self.featmap_names}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}"
+        return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio}")
