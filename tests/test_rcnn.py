@@ -324,3 +324,16 @@ def test_config_fields_are_builder_arguments() -> None:
                                box_nms_thresh=0.3)
     assert model.config == RCNNConfig(min_size=64, box_nms_thresh=0.3)
     assert model.backbone.channels == 16
+
+
+def test_torchvision_twin_of_a_small_minis_model_gives_the_same_detections() -> None:
+    torch.manual_seed(0)
+    ours = minis.models.build("mask_rcnn", num_classes=4, **SMALL, box_score_thresh=0.0).eval()
+    twin = minis.models.rcnn.torchvision_twin(ours)
+    assert type(twin).__name__ == "MaskRCNN" and not twin.training
+    images = [torch.rand(3, 100, 120, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        assert_same_detections(ours(images), twin(images))
+    back = minis.models.from_torchvision(twin)  # and the round trip
+    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name

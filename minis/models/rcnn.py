@@ -26,6 +26,7 @@ random state. The FPN and image plumbing live in :mod:`minis.nn.fpn` and
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
@@ -747,3 +748,60 @@ def from_torchvision_rcnn(tv_model: nn.Module) -> FasterRCNN:
                         "backbone": f"resnet{model.backbone.body.depth}", "fpn_channels": model.backbone.channels,
                         **{k: v for k, v in asdict(config).items() if getattr(RCNNConfig, k, None) != v}}
     return model.train(tv_model.training)
+
+
+def torchvision_twin(model: FasterRCNN) -> nn.Module:
+    """The torchvision ``FasterRCNN`` / ``MaskRCNN`` with this model's architecture, settings and weights.
+
+    The inverse of :func:`from_torchvision_rcnn`, for any minis backbone (the small CPU ResNet
+    included): torchvision's ``BackboneWithFPN`` wraps the same ResNet body. It lets the two
+    implementations be trained side by side from the same starting point
+    (``python -m minis bench rcnn-training``); Mask Scoring R-CNN has no torchvision twin.
+    """
+    from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+    from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    if isinstance(model, MaskScoringRCNN):
+        raise TypeError("Mask Scoring R-CNN has no torchvision counterpart")
+    cfg, channels = model.config, model.backbone.channels
+    body = copy.deepcopy(model.backbone.body)
+    backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)},
+                               [body.channels[name] for name in ("c2", "c3", "c4", "c5")], channels,
+                               extra_blocks=LastLevelMaxPool())
+    backbone.body.load_state_dict(body.state_dict())
+    options = dict(
+        min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
+        rpn_anchor_generator=TorchvisionAnchorGenerator(tuple((s,) for s in cfg.anchor_sizes),
+                                                        (tuple(cfg.aspect_ratios),) * len(cfg.anchor_sizes)),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_nms_thresh=cfg.rpn_nms_thresh, rpn_fg_iou_thresh=cfg.rpn_fg_iou_thresh,
+        rpn_bg_iou_thresh=cfg.rpn_bg_iou_thresh, rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        rpn_positive_fraction=cfg.rpn_positive_fraction, rpn_score_thresh=cfg.rpn_score_thresh,
+        box_head=TwoMLPHead(channels * FasterRCNN.box_pool_size ** 2, cfg.representation_size),
+        box_predictor=FastRCNNPredictor(cfg.representation_size, model.num_classes),
+        box_score_thresh=cfg.box_score_thresh, box_nms_thresh=cfg.box_nms_thresh,
+        box_detections_per_img=cfg.box_detections_per_img, box_fg_iou_thresh=cfg.box_fg_iou_thresh,
+        box_bg_iou_thresh=cfg.box_bg_iou_thresh, box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_positive_fraction=cfg.box_positive_fraction, bbox_reg_weights=cfg.bbox_reg_weights,
+    )
+    if isinstance(model, MaskRCNN):
+        options.update(mask_head=MaskRCNNHeads(channels, [cfg.mask_head_channels] * cfg.mask_head_layers, 1),
+                       mask_predictor=MaskRCNNPredictor(cfg.mask_head_channels, cfg.mask_head_channels,
+                                                        model.num_classes))
+        twin = TorchvisionMaskRCNN(backbone, num_classes=None, **options)
+    else:
+        twin = TorchvisionFasterRCNN(backbone, num_classes=None, **options)
+    inverse = {_minis_key(key): key for key in twin.state_dict()}
+    state = model.state_dict()
+    missing = sorted(set(inverse) - set(state))
+    if missing:
+        raise RuntimeError(f"no minis weight for torchvision's {', '.join(inverse[k] for k in missing[:5])}")
+    twin.load_state_dict({inverse[key]: value for key, value in state.items()}, strict=True)
+    twin.task = model.task
+    return twin.train(model.training)
