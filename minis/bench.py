@@ -11,6 +11,19 @@
 >>> rows = bench_semantic("data/shapes_semantic", models=["baseline_fcn", "fcn8s"], epochs=2)
 >>> print(format_table(rows, SEMANTIC_COLUMNS))
 
+``python -m minis bench rcnn`` prints two more, of detection against torchvision's:
+
+3. :func:`bench_rcnn` times Mask R-CNN R50-FPN (and, if asked, Faster R-CNN) against
+   torchvision's with the same random weights (:func:`minis.models.from_torchvision`): CPU
+   inference on one COCO-sized image and one training step (forward and backward) on two, with a
+   check that both give the same detections and the same losses;
+4. :func:`bench_ops` times each plain :mod:`minis.ops` function (IoU, NMS, RoIAlign, RoIPool,
+   multi-scale RoIAlign, mask pasting, anchors, box decoding) against torchvision's kernel at the
+   sizes Mask R-CNN meets, on the same inputs, with the largest difference of the outputs.
+
+>>> print(format_table(bench_rcnn(min_size=320, runs=1), RCNN_COLUMNS))
+>>> print(format_table(bench_ops(["nms", "roi_align_7x7"]), OP_COLUMNS))
+
 Timing rules, so that two numbers in one table can be compared:
 
 - inference: eval mode, ``torch.no_grad()``, one image, on the CPU, a few warm-up calls (the
@@ -21,8 +34,10 @@ Timing rules, so that two numbers in one table can be compared:
 - ``torch.set_num_threads`` is left as it is: the numbers are those of the caller's setting.
   On a machine shared with other busy processes, several threads per process can be many times
   slower than one (each parallel region waits for its slowest thread, which is waiting for a
-  core); there, ``OMP_NUM_THREADS=1 python -m minis bench semantic`` gives steadier numbers.
-  The load average printed under the tables says how quiet the machine was.
+  core); there, ``OMP_NUM_THREADS=1 python -m minis bench semantic`` (or ``bench rcnn``) gives
+  steadier numbers. The load average printed under the tables says how quiet the machine was;
+- detection: a forward pass takes seconds at 800 pixels, so the call that compares the two
+  outputs is also the warm-up, and the median is of a few rounds (3 by default).
 """
 
 from __future__ import annotations
@@ -62,6 +77,30 @@ SEMANTIC_COLUMNS = [("model", ""), ("args", ""), ("params", ",d"), ("cpu_ms", ".
                     ("train_img_per_s", ".1f"), ("mIoU", ".4f")]
 PORT_COLUMNS = [("model", ""), ("input", ""), ("minis_ms", ".1f"), ("torchvision_ms", ".1f"), ("ratio", ".3f"),
                 ("max_abs_diff", ".1e")]
+
+# torchvision detection models minis can port, and the rows of the detection-ops table with their
+# default sizes: those of Mask R-CNN R50-FPN on an 800 x 1088 batch (IoU thresholds in percent).
+RCNN_MODELS = ("maskrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn")
+_ROI = {"boxes": 512, "channels": 256, "height": 200, "width": 272, "stride": 4}  # FPN level P2
+OP_SIZES: dict[str, dict[str, int]] = {
+    "box_iou": {"boxes": 1000},
+    "generalized_box_iou": {"boxes": 1000},
+    "nms": {"boxes": 2000, "iou": 70},  # the RPN's NMS of one level's best proposals
+    "batched_nms": {"boxes": 2000, "classes": 80, "iou": 50},  # the box head's per-class NMS
+    "roi_align_7x7": {**_ROI, "output": 7},
+    "roi_align_14x14": {**_ROI, "output": 14},
+    # RoIPool's own setting, a stride-16 map (Fast/Faster R-CNN); the plain version compares every
+    # cell of the map with every bin, so on the 200 x 272 map it takes minutes, not seconds
+    "roi_pool_7x7": {**_ROI, "height": 50, "width": 68, "stride": 16, "output": 7},
+    "multiscale_roi_align": {"boxes": 1000, "channels": 256, "height": 800, "width": 1088, "output": 7},
+    "paste_masks_in_image": {"masks": 100, "mask_size": 28, "height": 480, "width": 640},
+    "AnchorGenerator": {"height": 800, "width": 1088},
+    "BoxCoder.decode": {"boxes": 200_000},
+}
+RCNN_COLUMNS = [("model", ""), ("step", ""), ("input", ""), ("minis_ms", ".0f"), ("torchvision_ms", ".0f"),
+                ("ratio", ".3f"), ("outputs", ""), ("max_abs_diff", ".1e")]
+OP_COLUMNS = [("op", ""), ("input", ""), ("minis_ms", ".2f"), ("torchvision_ms", ".2f"), ("ratio", ".2f"),
+              ("max_abs_diff", ".1e")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,6 +360,331 @@ def bench_ports(
 
 
 # --------------------------------------------------------------------------------------------
+# Mask R-CNN and the detection ops against torchvision
+# --------------------------------------------------------------------------------------------
+
+
+def torchvision_rcnn(name: str = "maskrcnn_resnet50_fpn", num_classes: int = 91, seed: int = 0,
+                     **settings: Any) -> nn.Module:
+    """torchvision's ``maskrcnn_resnet50_fpn`` / ``fasterrcnn_resnet50_fpn`` as its COCO recipe builds it,
+    with random weights drawn from ``seed``.
+
+    The recipe starts from an ImageNet backbone, so torchvision's builder then uses
+    ``FrozenBatchNorm2d`` and trains the last three ResNet stages only; built here without a
+    download (``resnet_fpn_backbone(..., norm_layer=FrozenBatchNorm2d, trainable_layers=3)``).
+    The frozen statistics get small random values (means in +-0.1, variances in 0.8..1.2), so
+    that the port's normalisation is really used. ``settings`` are the detector's keyword
+    arguments (``min_size``, ``max_size``, ...); the rest are torchvision's defaults.
+    """
+    from torchvision.models import detection
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops import FrozenBatchNorm2d
+
+    builders = {"maskrcnn_resnet50_fpn": detection.MaskRCNN, "fasterrcnn_resnet50_fpn": detection.FasterRCNN}
+    if name not in builders:
+        raise ValueError(f"no R-CNN port to benchmark for {name!r}; choose from {', '.join(RCNN_MODELS)}")
+    torch.manual_seed(seed)
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=3)
+    model = builders[name](backbone, num_classes=num_classes, **settings)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.8, 1.2)
+    return model
+
+
+def _random_boxes(count: int, height: int, width: int, generator: torch.Generator, min_side: float = 8.0,
+                  max_side: float | None = None) -> torch.Tensor:
+    """``[count, 4]`` boxes inside an ``height x width`` image, sides log-uniform in ``min_side..max_side``
+    (default: half the short side), so that small and large objects are equally common."""
+    max_side = max(max_side or min(height, width) / 2, min_side)
+    low, high = torch.log(torch.tensor(min_side)), torch.log(torch.tensor(max_side))
+    sides = torch.exp(low + torch.rand(count, 2, generator=generator) * (high - low))
+    sides = torch.minimum(sides, torch.tensor([width - 1.0, height - 1.0]))
+    x1 = torch.rand(count, generator=generator) * (width - sides[:, 0])
+    y1 = torch.rand(count, generator=generator) * (height - sides[:, 1])
+    return torch.stack([x1, y1, x1 + sides[:, 0], y1 + sides[:, 1]], dim=1)
+
+
+def _random_targets(count: int, image_size: tuple[int, int], num_classes: int, objects: int,
+                    generator: torch.Generator, with_masks: bool) -> list[dict]:
+    """``count`` targets of ``objects`` boxes each (sides 1/8 to 1/2 of the short side), random
+    labels ``1..num_classes-1`` and, with ``with_masks``, the boxes filled as masks."""
+    height, width = image_size
+    targets = []
+    for _ in range(count):
+        boxes = _random_boxes(objects, height, width, generator, min(height, width) / 8, min(height, width) / 2)
+        target = {"boxes": boxes, "labels": torch.randint(1, num_classes, (objects,), generator=generator)}
+        if with_masks:
+            masks = torch.zeros(objects, height, width, dtype=torch.uint8)
+            for k, (x1, y1, x2, y2) in enumerate(boxes.round().long().tolist()):
+                masks[k, y1:y2, x1:x2] = 1
+            target["masks"] = masks
+        targets.append(target)
+    return targets
+
+
+def _shape_text(batch: int, image_size: tuple[int, int], resized: tuple[int, int]) -> str:
+    return f"{batch}x3x{image_size[0]}x{image_size[1]} -> {resized[0]}x{resized[1]}"
+
+
+@torch.no_grad()
+def _rcnn_inference_row(name: str, ours: nn.Module, reference: nn.Module, image_size: tuple[int, int], runs: int,
+                        warmup: int, seed: int) -> dict:
+    """The inference row of :func:`bench_rcnn`: compare the detections, then time both models."""
+    ours.eval()
+    reference.eval()
+    images = [torch.rand(3, *image_size, generator=torch.Generator().manual_seed(seed))]
+    resized = ours.transform(images)[0].image_sizes[0]
+    # the comparison is also each model's warm-up call
+    (expected,), (got,) = reference(images), ours(images)
+    same_count = len(got["boxes"]) == len(expected["boxes"])
+    keys = [key for key in ("boxes", "scores", "masks") if key in expected]
+    max_abs_diff = (max((got[key] - expected[key]).abs().max().item() if len(expected[key]) else 0.0
+                        for key in keys) if same_count else None)
+    labels_equal = same_count and torch.equal(got["labels"], expected["labels"])
+    outputs = (f"{len(got['boxes'])} detections" + (", same labels" if labels_equal else ", labels differ")
+               if same_count else f"{len(got['boxes'])} vs {len(expected['boxes'])} detections")
+    minis_ms, torchvision_ms = interleaved_median_ms([lambda: ours(images), lambda: reference(images)], runs, warmup)
+    return {"model": name, "step": "inference", "input": _shape_text(1, image_size, resized), "minis_ms": minis_ms,
+            "torchvision_ms": torchvision_ms, "ratio": minis_ms / torchvision_ms, "outputs": outputs,
+            "max_abs_diff": max_abs_diff, "minis_detections": len(got["boxes"]),
+            "torchvision_detections": len(expected["boxes"]), "labels_equal": labels_equal}
+
+
+def _rcnn_train_row(name: str, ours: nn.Module, reference: nn.Module, image_size: tuple[int, int], runs: int,
+                    warmup: int, seed: int, num_classes: int) -> dict:
+    """The training row of :func:`bench_rcnn`: compare the losses, then time forward + backward."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    images = [torch.rand(3, *image_size, generator=generator) for _ in range(2)]
+    targets = _random_targets(2, image_size, num_classes, 4, generator, with_masks=hasattr(ours, "mask_head"))
+    with torch.no_grad():
+        resized = ours.eval().transform(images)[0].image_sizes[0]
+    ours.train()
+    reference.train()
+
+    def step(model: nn.Module) -> dict[str, float]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)  # both models draw the same anchors and RoIs to train on
+        losses = model(images, [dict(target) for target in targets])
+        sum(losses.values()).backward()
+        return {key: value.item() for key, value in losses.items()}
+
+    expected, got = step(reference), step(ours)  # the comparison is also each model's warm-up call
+    same_names = set(got) == set(expected)
+    max_abs_diff = max(abs(got[key] - expected[key]) for key in expected) if same_names else None
+    minis_ms, torchvision_ms = interleaved_median_ms([lambda: step(ours), lambda: step(reference)], runs, warmup)
+    ours.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
+    return {"model": name, "step": "train step", "input": _shape_text(2, image_size, resized), "minis_ms": minis_ms,
+            "torchvision_ms": torchvision_ms, "ratio": minis_ms / torchvision_ms,
+            "outputs": f"{len(got)} losses" if same_names else "loss names differ", "max_abs_diff": max_abs_diff,
+            "minis_losses": got, "torchvision_losses": expected}
+
+
+def bench_rcnn(
+    names: Sequence[str] = ("maskrcnn_resnet50_fpn",),
+    *,
+    image_size: tuple[int, int] = (480, 640),
+    min_size: int = 800,
+    max_size: int = 1333,
+    runs: int = 3,
+    warmup: int = 0,
+    train: bool = True,
+    num_classes: int = 91,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Mask R-CNN on the CPU, minis against torchvision with the same weights, measured in one run.
+
+    For each torchvision model in ``names`` (:data:`RCNN_MODELS`: ``maskrcnn_resnet50_fpn``,
+    ``fasterrcnn_resnet50_fpn``): build it with random weights (:func:`torchvision_rcnn`,
+    ``num_classes`` classes, torchvision's default settings but ``min_size``/``max_size``), port it
+    with :func:`minis.models.from_torchvision` and measure two rows:
+
+    - ``inference``: eval mode, no gradients, one random ``3 x H x W`` image (``image_size``, a
+      COCO-like 480 x 640 by default; both models resize it to ``min_size`` on the short side).
+      The random weights are confident enough that both return the full 100 detections (and
+      their masks), so the second stage and the mask pasting are timed too;
+    - ``train step`` (with ``train``): forward and backward on a fixed batch of two such images
+      with four random boxes (labels, masks) each; the random seed is set before each model's
+      step, so that both sample the same anchors and RoIs, and the gradients are cleared before
+      each step.
+
+    Before timing, each model runs once on the same input and the outputs are compared; that
+    call is also the model's warm-up (``warmup`` adds untimed rounds). Then the two models
+    alternate for ``runs`` timed rounds and the medians are reported.
+
+    Duration (an estimate: measured once, with one thread on a 2-core CPU that another process
+    kept busy, load average about 3): at 800 pixels a Mask R-CNN forward pass took 5-7 s per
+    model and a training step 20-25 s, so the defaults (Mask R-CNN only, ``runs=3``: four rounds
+    of both models, the comparison included) take about 4 minutes and 4 GB of memory at the peak;
+    Faster R-CNN would add somewhat less again. At ``min_size=64`` it takes seconds.
+
+    Returns:
+        One dict per (model, step): ``model``, ``step`` (``"inference"`` or ``"train step"``),
+        ``input`` (batch and image size, and the size the models resized it to), ``minis_ms``,
+        ``torchvision_ms``, ``ratio`` (minis / torchvision), ``outputs`` (what was compared, e.g.
+        ``"100 detections, same labels"`` or ``"5 losses"``) and ``max_abs_diff`` (the largest
+        difference of boxes, scores and masks, or of the losses; ``None`` when the detection
+        counts or loss names differ). Inference rows also hold ``minis_detections``,
+        ``torchvision_detections`` and ``labels_equal``; training rows ``minis_losses`` and
+        ``torchvision_losses``.
+    """
+    import minis.models
+
+    unknown = [name for name in names if name not in RCNN_MODELS]
+    if unknown:
+        raise ValueError(f"no R-CNN port to benchmark for {', '.join(unknown)}; choose from {', '.join(RCNN_MODELS)}")
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    image_size = (int(image_size[0]), int(image_size[1]))
+    rows = []
+    for name in names:
+        reference = torchvision_rcnn(name, num_classes, seed, min_size=min_size, max_size=max_size)
+        ours = minis.models.from_torchvision(reference)
+        if progress:
+            print(f"timing {name} inference at min_size {min_size} against torchvision", flush=True)
+        rows.append(_rcnn_inference_row(name, ours, reference, image_size, runs, warmup, seed))
+        if train:
+            if progress:
+                print(f"timing a {name} training step at min_size {min_size} against torchvision", flush=True)
+            rows.append(_rcnn_train_row(name, ours, reference, image_size, runs, warmup, seed, num_classes))
+    return rows
+
+
+def _max_abs_diff(ours: torch.Tensor | Sequence[torch.Tensor], theirs: torch.Tensor | Sequence[torch.Tensor],
+                  exact: bool) -> float | str:
+    """``"equal"``/``"differ"`` for index outputs (``exact``), else the largest absolute difference."""
+    if not isinstance(ours, torch.Tensor):
+        ours, theirs = torch.cat(list(ours)), torch.cat(list(theirs))
+    if exact:
+        return "equal" if torch.equal(ours, theirs) else "differ"
+    if ours.shape != theirs.shape:
+        return "shapes differ"
+    return (ours - theirs).abs().max().item() if ours.numel() else 0.0
+
+
+def _op_case(op: str, size: dict[str, int], generator: torch.Generator) -> tuple[str, Callable, Callable, bool]:
+    """``(input description, minis call, torchvision call, exact)`` for one row of :func:`bench_ops`."""
+    import torchvision.ops as tv_ops
+    from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
+
+    from minis import ops
+
+    if op in ("box_iou", "generalized_box_iou"):
+        n = size["boxes"]
+        a, b = (_random_boxes(n, 800, 1088, generator) for _ in range(2))
+        ours, theirs = getattr(ops, op), getattr(tv_ops, op)
+        return f"{n} x {n} boxes", lambda: ours(a, b), lambda: theirs(a, b), False
+    if op in ("nms", "batched_nms"):
+        n, threshold = size["boxes"], size["iou"] / 100
+        boxes, scores = _random_boxes(n, 800, 1088, generator), torch.rand(n, generator=generator)
+        if op == "nms":
+            return (f"{n} boxes, IoU {threshold}", lambda: ops.nms(boxes, scores, threshold),
+                    lambda: tv_ops.nms(boxes, scores, threshold), True)
+        classes = torch.randint(0, size["classes"], (n,), generator=generator)
+        return (f"{n} boxes, {size['classes']} classes, IoU {threshold}",
+                lambda: ops.batched_nms(boxes, scores, classes, threshold),
+                lambda: tv_ops.batched_nms(boxes, scores, classes, threshold), True)
+    if op.startswith(("roi_align", "roi_pool")):
+        n, channels, height, width, stride, output = (size[key] for key in
+                                                      ("boxes", "channels", "height", "width", "stride", "output"))
+        features = torch.randn(1, channels, height, width, generator=generator)
+        boxes = [_random_boxes(n, stride * height, stride * width, generator)]  # in the pixels of the image
+        text = f"{n} boxes, 1x{channels}x{height}x{width} map (stride {stride}), {output}x{output}"
+        if op.startswith("roi_pool"):
+            return (text, lambda: ops.roi_pool(features, boxes, output, 1 / stride),
+                    lambda: tv_ops.roi_pool(features, boxes, output, 1 / stride), False)
+        return (f"{text}, sampling 2", lambda: ops.roi_align(features, boxes, output, 1 / stride, 2),
+                lambda: tv_ops.roi_align(features, boxes, output, 1 / stride, 2), False)
+    if op == "multiscale_roi_align":
+        n, channels, height, width, output = (size[key] for key in ("boxes", "channels", "height", "width", "output"))
+        features = {str(level): torch.randn(1, channels, -(-height // stride), -(-width // stride), generator=generator)
+                    for level, stride in enumerate((4, 8, 16, 32))}
+        boxes = [_random_boxes(n, height, width, generator, max_side=min(height, width) * 0.75)]
+        names = list(features)
+        ours, theirs = ops.MultiScaleRoIAlign(names, output, 2), tv_ops.MultiScaleRoIAlign(names, output, 2)
+        return (f"{n} boxes, 4 levels x {channels} ch, {height}x{width} image, {output}x{output}",
+                lambda: ours(features, boxes, [(height, width)]), lambda: theirs(features, boxes, [(height, width)]),
+                False)
+    if op == "paste_masks_in_image":
+        n, mask_size, height, width = (size[key] for key in ("masks", "mask_size", "height", "width"))
+        masks = torch.rand(n, 1, mask_size, mask_size, generator=generator)
+        boxes = _random_boxes(n, height, width, generator)
+        return (f"{n} masks {mask_size}x{mask_size} -> {height}x{width}",
+                lambda: ops.paste_masks_in_image(masks, boxes, (height, width)),
+                lambda: tv_paste_masks_in_image(masks, boxes, (height, width)), False)
+    if op == "AnchorGenerator":
+        height, width = size["height"], size["width"]
+        sizes, ratios = ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5
+        images = ImageList(torch.zeros(1, 3, height, width), [(height, width)])
+        maps = [torch.zeros(1, 1, -(-height // stride), -(-width // stride)) for stride in (4, 8, 16, 32, 64)]
+        ours, theirs = ops.AnchorGenerator(sizes, ratios), TorchvisionAnchorGenerator(sizes, ratios)
+        count = 3 * sum(m.shape[-2] * m.shape[-1] for m in maps)
+        return (f"5 levels, {height}x{width} image ({count} anchors)", lambda: ours(images, maps),
+                lambda: theirs(images, maps), False)
+    if op == "BoxCoder.decode":
+        n = size["boxes"]
+        boxes, codes = _random_boxes(n, 800, 1088, generator), torch.randn(n, 4, generator=generator) * 0.5
+        ours, theirs = ops.BoxCoder((1.0, 1.0, 1.0, 1.0)), TorchvisionBoxCoder((1.0, 1.0, 1.0, 1.0))
+        return f"{n} boxes", lambda: ours.decode(codes, [boxes]), lambda: theirs.decode(codes, [boxes]), False
+    raise ValueError(f"unknown op {op!r}; choose from {', '.join(OP_SIZES)}")
+
+
+@torch.no_grad()
+def bench_ops(
+    names: Sequence[str] | None = None,
+    sizes: dict[str, dict[str, int]] | None = None,
+    *,
+    runs: int = 5,
+    warmup: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Each plain :mod:`minis.ops` function against torchvision's, same inputs, at detection sizes.
+
+    ``names`` picks rows of :data:`OP_SIZES` (default: all), whose sizes are those of Mask R-CNN
+    at 800 pixels (e.g. RoIAlign of 512 RoIs on the 256-channel stride-4 map of an 800 x 1088
+    image); ``sizes`` overrides some of them, e.g. ``{"nms": {"boxes": 100}}``. Boxes are random,
+    with log-uniform sides. Each op runs once on both sides for the comparison (also the warm-up),
+    then the two alternate for ``runs`` timed calls (after ``warmup`` more untimed rounds).
+
+    The plain versions teach; the models call torchvision's compiled kernels where those are much
+    faster (RoIAlign, batched NMS), and this table says by how much. With the defaults it takes
+    about a minute and a half (an estimate, measured once with one thread on a busy 2-core CPU),
+    nearly all of it in the plain RoIAlign and RoIPool.
+
+    Returns:
+        One dict per op: ``op``, ``input`` (a description of the sizes), ``minis_ms``,
+        ``torchvision_ms``, ``ratio`` (minis / torchvision) and ``max_abs_diff`` (the largest
+        absolute difference of the outputs; for the NMS indices ``"equal"`` or ``"differ"``).
+    """
+    chosen = list(OP_SIZES) if names is None else list(names)
+    unknown = [op for op in [*chosen, *(sizes or {})] if op not in OP_SIZES]
+    if unknown:
+        raise ValueError(f"unknown op {unknown[0]!r}; choose from {', '.join(OP_SIZES)}")
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    rows = []
+    for op in chosen:
+        size = {**OP_SIZES[op], **(sizes or {}).get(op, {})}
+        if progress:
+            print(f"timing {op} against torchvision", flush=True)
+        text, ours, theirs, exact = _op_case(op, size, torch.Generator().manual_seed(seed))
+        difference = _max_abs_diff(ours(), theirs(), exact)
+        minis_ms, torchvision_ms = interleaved_median_ms([ours, theirs], runs, warmup)
+        rows.append({"op": op, "input": text, "minis_ms": minis_ms, "torchvision_ms": torchvision_ms,
+                     "ratio": minis_ms / torchvision_ms, "max_abs_diff": difference})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # Printing
 # --------------------------------------------------------------------------------------------
 
@@ -329,12 +693,14 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[s
     """An aligned text table of ``rows``: one line per row, one column per key.
 
     ``columns`` holds row keys or ``(key, format spec)`` pairs, e.g. ``("params", ",d")``.
-    Numbers are right-aligned, text left-aligned; a missing value prints as ``-``.
+    Numbers are right-aligned, text left-aligned; a missing value prints as ``-``, and text in a
+    column of numbers (``"equal"`` among differences) prints as it is, right-aligned.
     """
     specs = [(column, "") if isinstance(column, str) else column for column in columns]
     cells = [[key for key, _ in specs]]
     for row in rows:
-        cells.append([format(row[key], spec) if row.get(key) is not None else "-" for key, spec in specs])
+        cells.append(["-" if row.get(key) is None else row[key] if isinstance(row[key], str) else format(row[key], spec)
+                      for key, spec in specs])
     widths = [max(len(line[index]) for line in cells) for index in range(len(specs))]
     numeric = [any(isinstance(row.get(key), (int, float)) for row in rows) for key, _ in specs]
 

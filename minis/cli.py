@@ -9,6 +9,7 @@
     python -m minis eval runs/demo/last.pt                      # metrics on the validation set
     python -m minis predict runs/demo/last.pt image.png --out runs/demo/predictions
     python -m minis bench semantic                              # every semantic model, one table
+    python -m minis bench rcnn                                  # Mask R-CNN and minis.ops vs torchvision
 
 ``train`` also runs under ``torchrun --nproc_per_node N -m minis train ...`` (one process per
 GPU, or N CPU processes). Mistakes in a command (unknown model, missing data or checkpoint) are
@@ -313,6 +314,40 @@ def cmd_bench_semantic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_rcnn(args: argparse.Namespace) -> int:
+    import json
+
+    from minis import bench
+
+    # refuse a mistake in the second table now, not after minutes of the first
+    unknown = [op for op in args.ops or [] if op not in bench.OP_SIZES]
+    if unknown and not args.no_ops:
+        raise UserError(f"unknown op {unknown[0]!r}; choose from {', '.join(bench.OP_SIZES)}")
+    for option, runs in (("--runs", args.runs), ("--op-runs", args.op_runs)):
+        if runs < 1:
+            raise UserError(f"{option} must be at least 1, got {runs}")
+    rows: dict[str, list] = {"rcnn": [], "ops": []}
+    if not args.ops_only:
+        try:
+            rows["rcnn"] = bench.bench_rcnn(args.models, image_size=tuple(args.image_size), min_size=args.min_size,
+                                            max_size=args.max_size, runs=args.runs, train=not args.no_train)
+        except ValueError as error:  # a model without a port
+            raise UserError(str(error)) from error
+        print("\nR-CNN on the CPU, minis against torchvision with the same weights (ratio = minis / torchvision):")
+        print(bench.format_table(rows["rcnn"], bench.RCNN_COLUMNS))
+    if not args.no_ops:
+        rows["ops"] = bench.bench_ops(args.ops, runs=args.op_runs)
+        print("\nminis.ops (plain PyTorch) against torchvision's kernels, same inputs (ratio = minis / torchvision):")
+        print(bench.format_table(rows["ops"], bench.OP_COLUMNS))
+    note = bench.machine_note()
+    print(f"\n{note}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**rows, "machine": note}, indent=2) + "\n", encoding="utf-8")
+        print(f"rows written to {args.json}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------
@@ -388,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=cmd_predict)
 
     bench = commands.add_parser("bench", help="compare models: size, speed and accuracy in one table")
-    suites = bench.add_subparsers(dest="suite", required=True, metavar="{semantic}")
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="{semantic,rcnn}")
     semantic = suites.add_parser("semantic", help="train every semantic model on shapes; minis vs torchvision speed")
     semantic.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
     semantic.add_argument("--models", nargs="+", metavar="MODEL", help="default: all of minis.bench.SEMANTIC_MODELS")
@@ -407,6 +442,22 @@ def build_parser() -> argparse.ArgumentParser:
     semantic.add_argument("--port-runs", type=int, default=7, help="timed forward passes per port (median)")
     semantic.add_argument("--json", metavar="OUT", help="also write every row to this JSON file")
     semantic.set_defaults(handler=cmd_bench_semantic)
+    rcnn = suites.add_parser("rcnn", help="Mask R-CNN and minis.ops against torchvision: speed and agreement")
+    rcnn.add_argument("--models", nargs="+", default=["maskrcnn_resnet50_fpn"], metavar="TV_MODEL",
+                      help="maskrcnn_resnet50_fpn and/or fasterrcnn_resnet50_fpn (default: the first)")
+    rcnn.add_argument("--runs", type=int, default=3, help="timed rounds per model and step (median; default 3)")
+    rcnn.add_argument("--min-size", type=int, default=800, help="short side the models resize to (default 800)")
+    rcnn.add_argument("--max-size", type=int, default=1333, help="long side at most (default 1333)")
+    rcnn.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"),
+                      help="the random input images (default 480 640)")
+    rcnn.add_argument("--no-train", action="store_true", help="time inference only, not the training step")
+    op_choice = rcnn.add_mutually_exclusive_group()
+    op_choice.add_argument("--no-ops", action="store_true", help="skip the minis.ops table")
+    op_choice.add_argument("--ops-only", action="store_true", help="only the minis.ops table")
+    rcnn.add_argument("--ops", nargs="+", metavar="OP", help="default: all of minis.bench.OP_SIZES")
+    rcnn.add_argument("--op-runs", type=int, default=5, help="timed calls per op (median; default 5)")
+    rcnn.add_argument("--json", metavar="OUT", help="also write every row to this JSON file")
+    rcnn.set_defaults(handler=cmd_bench_rcnn)
     return parser
 
 

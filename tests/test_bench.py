@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import minis.models
 from minis import bench
@@ -119,3 +120,123 @@ def test_command_reports_mistakes_in_one_line(capsys):
     assert "unknown model 'segformer'" in capsys.readouterr().err
     assert main(["bench", "semantic", "--ports-only", "--port-models", "resnet50"]) == 2
     assert "no port to benchmark for resnet50" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# bench rcnn: Mask R-CNN and minis.ops against torchvision
+# --------------------------------------------------------------------------------------------
+
+# every op of the table, at sizes that take milliseconds
+TINY_OPS = {
+    "box_iou": {"boxes": 50}, "generalized_box_iou": {"boxes": 50}, "nms": {"boxes": 80},
+    "batched_nms": {"boxes": 80, "classes": 5},
+    **{op: {"boxes": 8, "channels": 4, "height": 20, "width": 24} for op in ("roi_align_7x7", "roi_align_14x14")},
+    "roi_pool_7x7": {"boxes": 8, "channels": 4, "height": 10, "width": 12},
+    "multiscale_roi_align": {"boxes": 20, "channels": 4, "height": 128, "width": 160},
+    "paste_masks_in_image": {"masks": 5, "height": 40, "width": 50},
+    "AnchorGenerator": {"height": 128, "width": 160}, "BoxCoder.decode": {"boxes": 100},
+}
+LOSSES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+
+
+@pytest.fixture(scope="module")
+def rcnn_rows(one_thread):
+    return bench.bench_rcnn(image_size=(96, 128), min_size=64, runs=1, progress=False)
+
+
+def test_rcnn_rows_time_inference_and_a_training_step(rcnn_rows):
+    assert [(row["model"], row["step"], row["input"]) for row in rcnn_rows] == [
+        ("maskrcnn_resnet50_fpn", "inference", "1x3x96x128 -> 64x85"),
+        ("maskrcnn_resnet50_fpn", "train step", "2x3x96x128 -> 64x85"),
+    ]
+    for row in rcnn_rows:
+        assert row["minis_ms"] > 0 and row["torchvision_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["minis_ms"] / row["torchvision_ms"])
+
+
+def test_rcnn_rows_show_the_same_detections_and_losses(rcnn_rows):
+    inference, train = rcnn_rows
+    # random weights, yet confident: the full 100 detections, so masks are predicted and pasted too
+    assert inference["minis_detections"] == inference["torchvision_detections"] == 100
+    assert inference["labels_equal"] and inference["outputs"] == "100 detections, same labels"
+    assert inference["max_abs_diff"] <= 1e-4
+    assert set(train["minis_losses"]) == set(train["torchvision_losses"]) == LOSSES | {"loss_mask"}
+    assert train["outputs"] == "5 losses" and train["max_abs_diff"] <= 1e-4
+
+
+def test_torchvision_rcnn_is_the_coco_recipe_with_random_statistics():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    model = bench.torchvision_rcnn("fasterrcnn_resnet50_fpn", seed=3, min_size=64)
+    assert type(model).__name__ == "FasterRCNN" and model.roi_heads.box_predictor.cls_score.out_features == 91
+    assert model.transform.min_size == (64,) and model.transform.max_size == 1333
+    assert isinstance(model.backbone.body.bn1, FrozenBatchNorm2d)
+    assert not model.backbone.body.layer1[0].conv1.weight.requires_grad  # three trainable stages
+    assert model.backbone.body.layer2[0].conv1.weight.requires_grad
+    assert 0 < model.backbone.body.bn1.running_mean.abs().max() <= 0.1
+    # the seed decides the weights
+    again = bench.torchvision_rcnn("fasterrcnn_resnet50_fpn", seed=3, min_size=64)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_ops_rows_agree_with_torchvision(one_thread):
+    rows = bench.bench_ops(sizes=TINY_OPS, runs=1, progress=False)
+    assert [row["op"] for row in rows] == list(bench.OP_SIZES)
+    for row in rows:
+        assert row["minis_ms"] > 0 and row["torchvision_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["minis_ms"] / row["torchvision_ms"])
+        if row["op"] in ("nms", "batched_nms"):
+            assert row["max_abs_diff"] == "equal", row
+        else:
+            assert isinstance(row["max_abs_diff"], float) and row["max_abs_diff"] <= 1e-5, row
+    by_op = {row["op"]: row["input"] for row in rows}
+    assert by_op["roi_align_14x14"] == "8 boxes, 1x4x20x24 map (stride 4), 14x14, sampling 2"
+    assert by_op["batched_nms"] == "80 boxes, 5 classes, IoU 0.5"
+
+
+def test_rcnn_and_ops_refuse_what_they_cannot_time():
+    with pytest.raises(ValueError, match="no R-CNN port to benchmark for retinanet_resnet50_fpn"):
+        bench.bench_rcnn(["retinanet_resnet50_fpn"], progress=False)
+    with pytest.raises(ValueError, match="runs must be at least 1"):
+        bench.bench_rcnn(runs=0, progress=False)
+    with pytest.raises(ValueError, match="unknown op 'roi_align'"):
+        bench.bench_ops(["roi_align"], progress=False)
+    with pytest.raises(ValueError, match="unknown op 'nmss'"):
+        bench.bench_ops(["nms"], sizes={"nmss": {"boxes": 3}}, progress=False)
+
+
+def test_table_prints_text_in_a_column_of_numbers_as_it_is():
+    rows = [{"op": "nms", "max_abs_diff": "equal"}, {"op": "roi_align", "max_abs_diff": 2.4e-7}]
+    assert bench.format_table(rows, ["op", ("max_abs_diff", ".1e")]).splitlines()[2:] == [
+        "nms               equal",
+        "roi_align       2.4e-07",
+    ]
+
+
+def test_rcnn_command_prints_both_tables_and_writes_json(tmp_path, capsys, one_thread):
+    out = tmp_path / "rcnn.json"
+    argv = ["bench", "rcnn", "--models", "fasterrcnn_resnet50_fpn", "--no-train", "--min-size", "64",
+            "--image-size", "96", "128", "--runs", "1", "--ops", "box_iou", "nms", "--op-runs", "1", "--json", str(out)]
+    assert main(argv) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["model", "step", "input", "minis_ms", "torchvision_ms", "ratio", "outputs", "max_abs_diff"] in lines
+    assert ["op", "input", "minis_ms", "torchvision_ms", "ratio", "max_abs_diff"] in lines
+    assert any(line[:5] == ["fasterrcnn_resnet50_fpn", "inference", "1x3x96x128", "->", "64x85"] for line in lines)
+    assert any(line[:1] == ["nms"] and line[-1] == "equal" for line in lines)
+    assert any("load" in line and "average" in line for line in lines)
+    written = json.loads(out.read_text())
+    assert [(row["model"], row["step"]) for row in written["rcnn"]] == [("fasterrcnn_resnet50_fpn", "inference")]
+    assert written["rcnn"][0]["minis_detections"] == written["rcnn"][0]["torchvision_detections"]
+    assert [row["op"] for row in written["ops"]] == ["box_iou", "nms"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "roi_align"], "unknown op 'roi_align'; choose from box_iou, "),
+    (["--runs", "0"], "--runs must be at least 1"),
+    (["--op-runs", "0", "--ops-only"], "--op-runs must be at least 1"),
+    (["--models", "retinanet_resnet50_fpn", "--no-ops"], "no R-CNN port to benchmark for retinanet_resnet50_fpn"),
+])
+def test_rcnn_command_reports_mistakes_in_one_line(capsys, argv, message):
+    assert main(["bench", "rcnn", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minis: error: ") and message in err
