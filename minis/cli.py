@@ -10,6 +10,7 @@
     python -m minis predict runs/demo/last.pt image.png --out runs/demo/predictions
     python -m minis bench semantic                              # every semantic model, one table
     python -m minis bench rcnn                                  # Mask R-CNN and minis.ops vs torchvision
+    python -m minis bench rcnn-training                         # minis and torchvision Mask R-CNN trained alike
 
 ``train`` also runs under ``torchrun --nproc_per_node N -m minis train ...`` (one process per
 GPU, or N CPU processes). Mistakes in a command (unknown model, missing data or checkpoint) are
@@ -348,6 +349,30 @@ def cmd_bench_rcnn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_rcnn_training(args: argparse.Namespace) -> int:
+    import json
+
+    from minis import bench
+
+    overrides = {name: getattr(args, name) for name in ("epochs", "lr") if getattr(args, name) is not None}
+    try:
+        rows = bench.bench_rcnn_training(args.root, train_config=overrides, seed=args.seed, device=args.device)
+    except (ValueError, FileExistsError) as error:
+        raise UserError(str(error)) from error
+    print(f"\nMask R-CNN trained by the minis Trainer on {args.root}, minis against torchvision (same start, same recipe):")
+    print(bench.format_table(rows, bench.RCNN_TRAINING_COLUMNS))
+    gap = abs(rows[0]["mask_AP"] - rows[1]["mask_AP"])
+    print(f"mask AP gap: {gap:.4f}")
+    note = bench.machine_note()
+    print(f"\n{note}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows, "mask_AP_gap": gap, "machine": note}, indent=2) + "\n",
+                                   encoding="utf-8")
+        print(f"rows written to {args.json}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------
@@ -423,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=cmd_predict)
 
     bench = commands.add_parser("bench", help="compare models: size, speed and accuracy in one table")
-    suites = bench.add_subparsers(dest="suite", required=True, metavar="{semantic,rcnn}")
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="{semantic,rcnn,rcnn-training}")
     semantic = suites.add_parser("semantic", help="train every semantic model on shapes; minis vs torchvision speed")
     semantic.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
     semantic.add_argument("--models", nargs="+", metavar="MODEL", help="default: all of minis.bench.SEMANTIC_MODELS")
@@ -458,6 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
     rcnn.add_argument("--op-runs", type=int, default=5, help="timed calls per op (median; default 5)")
     rcnn.add_argument("--json", metavar="OUT", help="also write every row to this JSON file")
     rcnn.set_defaults(handler=cmd_bench_rcnn)
+    training = suites.add_parser("rcnn-training", help="train minis' and torchvision's Mask R-CNN alike; AP of each")
+    training.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
+    training.add_argument("--epochs", type=int, help="default: minis.bench.RCNN_TRAINING_CONFIG (the chapter's)")
+    training.add_argument("--lr", type=float)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    training.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
+    training.set_defaults(handler=cmd_bench_rcnn_training)
     return parser
 
 

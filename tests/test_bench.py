@@ -240,3 +240,18 @@ def test_rcnn_command_reports_mistakes_in_one_line(capsys, argv, message):
     assert main(["bench", "rcnn", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("minis: error: ") and message in err
+
+
+def test_rcnn_training_trains_minis_and_torchvision_alike(tmp_path, one_thread):
+    """Same start, same data order and samples: the two runs end with (nearly) the same loss and AP."""
+    from minis.data import make_shapes
+
+    root = tmp_path / "shapes"
+    make_shapes(root, num_train=16, num_val=4, image_size=96, textures=False, max_objects=2, progress=False)
+    rows = bench.bench_rcnn_training(str(root), train_config={"epochs": 1, "batch_size": 4, "warmup_iters": 2},
+                                     progress=False)
+    assert [row["implementation"] for row in rows] == ["minis", "torchvision"]
+    for row in rows:
+        assert 0 <= row["mask_AP"] <= 1 and 0 <= row["box_AP"] <= 1 and row["train_s"] > 0
+    assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-3)
+    assert abs(rows[0]["mask_AP"] - rows[1]["mask_AP"]) <= 0.02
