@@ -314,9 +314,13 @@ def test_mask_scoring_multiplies_class_score_by_predicted_iou() -> None:
     model = minis.models.build("ms_rcnn", num_classes=3, **SMALL, box_score_thresh=0.0).eval()
     assert isinstance(model, MaskScoringRCNN)
     with torch.no_grad():
-        detection = model([torch.rand(3, 96, 96)])[0]
+        detection = model([torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(0))])[0]
     assert len(detection["scores"]) > 0
     torch.testing.assert_close(detection["scores"], detection["class_scores"] * detection["mask_iou"].clamp(0, 1))
+    model.score_with_mask_iou = False  # Mask R-CNN's ranking of the same detections
+    with torch.no_grad():
+        plain = model([torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(0))])[0]
+    assert torch.equal(plain["scores"], plain["class_scores"])
 
 
 def test_config_fields_are_builder_arguments() -> None:

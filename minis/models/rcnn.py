@@ -567,11 +567,14 @@ class MaskScoringRCNN(MaskRCNN):
     """Mask R-CNN whose detection scores are ``class probability x predicted mask IoU``.
 
     Detections also hold ``mask_iou [N]`` (the MaskIoU head's estimate) and ``class_scores [N]``.
+    Setting ``model.score_with_mask_iou = False`` keeps the class scores as the scores: the same
+    detections and masks ranked as Mask R-CNN ranks them, for comparing the two scorings.
     """
 
     def __init__(self, backbone: BackboneFPN, num_classes: int, config: RCNNConfig | None = None) -> None:
         super().__init__(backbone, num_classes, config)
         self.maskiou_head = MaskIoUHead(backbone.channels, num_classes, roi_size=self.mask_pool_size)
+        self.score_with_mask_iou = True
 
     def branch_losses(self, features, image_sizes, samples: RoISamples, targets: list[dict]) -> dict[str, torch.Tensor]:
         boxes, matched, labels = self.positive_samples(samples, targets)
@@ -599,7 +602,8 @@ class MaskScoringRCNN(MaskRCNN):
         for detection, image_iou in zip(detections, iou.split([len(d["boxes"]) for d in detections])):
             detection["class_scores"] = detection["scores"]
             detection["mask_iou"] = image_iou
-            detection["scores"] = detection["scores"] * image_iou.clamp(0, 1)
+            if self.score_with_mask_iou:
+                detection["scores"] = detection["scores"] * image_iou.clamp(0, 1)
         return roi_features
 
 
