@@ -272,6 +272,9 @@ def test_training_refuses_degenerate_boxes_naming_the_image() -> None:
               "labels": torch.tensor([1, 2]), "masks": torch.zeros(2, 64, 64, dtype=torch.uint8), "image_id": 17}
     with pytest.raises(ValueError, match=r"image id 17: box 1 .* no width or no height"):
         model([torch.rand(3, 64, 64)], [target])
+    target["boxes"] = target["boxes"][:1]
+    with pytest.raises(ValueError, match="image id 17: 1 boxes but 2 labels"):
+        model([torch.rand(3, 64, 64)], [target])
     with pytest.raises(ValueError, match="needs targets"):
         model([torch.rand(3, 64, 64)])
 

@@ -142,6 +142,9 @@ def check_targets(targets: list[dict] | None, num_images: int) -> list[dict]:
         boxes = target["boxes"]
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"image id {image_id}: 'boxes' must be [N,4], got {tuple(boxes.shape)}")
+        for field in ("labels", "masks"):
+            if field in target and len(target[field]) != len(boxes):
+                raise ValueError(f"image id {image_id}: {len(boxes)} boxes but {len(target[field])} {field}")
         degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if degenerate.any():
             first = int(degenerate.nonzero()[0])
