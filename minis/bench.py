@@ -691,9 +691,10 @@ def bench_ops(
 RCNN_TRAINING_COLUMNS = [("implementation", ""), ("box_AP", ".4f"), ("mask_AP", ".4f"), ("mask_AP50", ".4f"),
                          ("final_loss", ".4f"), ("train_s", ".1f")]
 # the two-stage chapters' recipe (book/two_stage/mask_rcnn.ipynb)
-# AdamW at 4e-3 with 100 warm-up steps and clipping learns fastest here; 6e-3 diverged.
-RCNN_TRAINING_CONFIG: dict[str, Any] = {"epochs": 7, "batch_size": 8, "lr": 0.004, "optimizer": "adamw",
-                                        "weight_decay": 1e-4, "warmup_iters": 100, "schedule": "cosine",
+# AdamW with a long warm-up and clipping. In trial runs 3e-3 reached mask AP 0.75 with either
+# seed; 4e-3 gave 0.60 or 0.42 depending on the seed, and 6e-3 diverged.
+RCNN_TRAINING_CONFIG: dict[str, Any] = {"epochs": 6, "batch_size": 8, "lr": 0.003, "optimizer": "adamw",
+                                        "weight_decay": 1e-4, "warmup_iters": 200, "schedule": "cosine",
                                         "clip_grad_norm": 5.0}
 
 
