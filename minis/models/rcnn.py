@@ -573,7 +573,8 @@ class MaskScoringRCNN(MaskRCNN):
 
     def __init__(self, backbone: BackboneFPN, num_classes: int, config: RCNNConfig | None = None) -> None:
         super().__init__(backbone, num_classes, config)
-        self.maskiou_head = MaskIoUHead(backbone.channels, num_classes, roi_size=self.mask_pool_size)
+        self.maskiou_head = MaskIoUHead(backbone.channels, num_classes, self.config.mask_head_channels,
+                                        self.config.representation_size, roi_size=self.mask_pool_size)
         self.score_with_mask_iou = True
 
     def branch_losses(self, features, image_sizes, samples: RoISamples, targets: list[dict]) -> dict[str, torch.Tensor]:
