@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -709,7 +710,8 @@ def bench_rcnn_training(
 ) -> list[dict[str, Any]]:
     """Train minis ``mask_rcnn`` and torchvision's ``MaskRCNN`` the same way; box and mask AP of each.
 
-    The torchvision model is :func:`minis.models.rcnn.torchvision_twin` of the minis one: the same
+    ``root`` holds a shapes benchmark; when it holds none, the chapters' plain variant
+    (:data:`SEMANTIC_SHAPES`) is generated there. The torchvision model is :func:`minis.models.rcnn.torchvision_twin` of the minis one: the same
     backbone (by default the chapters' small one, :data:`minis.models.rcnn.SHAPES_SETTINGS`),
     settings and initial weights. The minis Trainer trains both with the same data order,
     optimizer, schedule and seed (``train_config`` overrides :data:`RCNN_TRAINING_CONFIG`), and
@@ -721,10 +723,12 @@ def bench_rcnn_training(
     ``mask_AP50``, ``final_loss`` (mean over the last epoch) and ``train_s``.
     """
     import minis.models
-    from minis.data import build_datasets
+    from minis.data import build_datasets, make_shapes
     from minis.engine import TrainConfig, Trainer
     from minis.models.rcnn import SHAPES_SETTINGS, torchvision_twin
 
+    if not (Path(root) / "meta.json").is_file():  # a missing benchmark: the chapters' plain variant
+        make_shapes(root, progress=progress, **SEMANTIC_SHAPES)
     train_set, val_set = build_datasets("shapes", root, "instance", progress=progress)
     torch.manual_seed(seed)
     ours = minis.models.build("mask_rcnn", num_classes=train_set.num_classes,

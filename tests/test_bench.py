@@ -247,7 +247,7 @@ def test_rcnn_training_trains_minis_and_torchvision_alike(tmp_path, one_thread):
     from minis.data import make_shapes
 
     root = tmp_path / "shapes"
-    make_shapes(root, num_train=16, num_val=4, image_size=96, textures=False, max_objects=2, progress=False)
+    make_shapes(root, num_train=16, num_val=4, image_size=96, progress=False, **bench.SEMANTIC_SHAPES)
     rows = bench.bench_rcnn_training(str(root), train_config={"epochs": 1, "batch_size": 4, "warmup_iters": 2},
                                      progress=False)
     assert [row["implementation"] for row in rows] == ["minis", "torchvision"]
