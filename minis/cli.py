@@ -279,9 +279,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_semantic(args: argparse.Namespace) -> int:
+def _finish_bench(rows: dict, json_path: str | None) -> int:
+    """Print the machine note under the tables and, when asked, write rows and note as JSON."""
     import json
 
+    from minis import bench
+
+    note = bench.machine_note()
+    print(f"\n{note}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps({**rows, "machine": note}, indent=2) + "\n", encoding="utf-8")
+        print(f"rows written to {json_path}")
+    return 0
+
+
+def cmd_bench_semantic(args: argparse.Namespace) -> int:
     from minis import bench
 
     rows: dict[str, list] = {"semantic": [], "ports": []}
@@ -306,18 +319,10 @@ def cmd_bench_semantic(args: argparse.Namespace) -> int:
             raise UserError(str(error)) from error
         print("\nCPU inference, minis against torchvision with the same weights (ratio = minis / torchvision):")
         print(bench.format_table(rows["ports"], bench.PORT_COLUMNS))
-    note = bench.machine_note()
-    print(f"\n{note}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**rows, "machine": note}, indent=2) + "\n", encoding="utf-8")
-        print(f"rows written to {args.json}")
-    return 0
+    return _finish_bench(rows, args.json)
 
 
 def cmd_bench_rcnn(args: argparse.Namespace) -> int:
-    import json
-
     from minis import bench
 
     # refuse a mistake in the second table now, not after minutes of the first
@@ -340,18 +345,10 @@ def cmd_bench_rcnn(args: argparse.Namespace) -> int:
         rows["ops"] = bench.bench_ops(args.ops, runs=args.op_runs)
         print("\nminis.ops (plain PyTorch) against torchvision's kernels, same inputs (ratio = minis / torchvision):")
         print(bench.format_table(rows["ops"], bench.OP_COLUMNS))
-    note = bench.machine_note()
-    print(f"\n{note}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**rows, "machine": note}, indent=2) + "\n", encoding="utf-8")
-        print(f"rows written to {args.json}")
-    return 0
+    return _finish_bench(rows, args.json)
 
 
 def cmd_bench_rcnn_training(args: argparse.Namespace) -> int:
-    import json
-
     from minis import bench
 
     overrides = {name: getattr(args, name) for name in ("epochs", "lr") if getattr(args, name) is not None}
@@ -363,14 +360,7 @@ def cmd_bench_rcnn_training(args: argparse.Namespace) -> int:
     print(bench.format_table(rows, bench.RCNN_TRAINING_COLUMNS))
     gap = abs(rows[0]["mask_AP"] - rows[1]["mask_AP"])
     print(f"mask AP gap: {gap:.4f}")
-    note = bench.machine_note()
-    print(f"\n{note}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": rows, "mask_AP_gap": gap, "machine": note}, indent=2) + "\n",
-                                   encoding="utf-8")
-        print(f"rows written to {args.json}")
-    return 0
+    return _finish_bench({"rows": rows, "mask_AP_gap": gap}, args.json)
 
 
 # --------------------------------------------------------------------------------------------

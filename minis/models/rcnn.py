@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, fields
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -450,6 +450,17 @@ def mask_loss(mask_logits: torch.Tensor, labels: torch.Tensor, mask_targets: tor
     return F.binary_cross_entropy_with_logits(own_class, mask_targets)
 
 
+class MaskBatch(NamedTuple):
+    """The mask branch's training inputs and outputs for the positive RoIs of a batch (``K`` in all)."""
+
+    boxes: list[torch.Tensor]  # [K_i,4] positive proposals per image
+    matched: list[torch.Tensor]  # [K_i] their ground-truth object
+    labels: torch.Tensor  # [K] their class
+    roi_features: torch.Tensor  # [K,C,14,14]
+    mask_logits: torch.Tensor  # [K,classes,28,28]
+    mask_targets: torch.Tensor  # [K,28,28]
+
+
 class MaskRCNN(FasterRCNN):
     """Faster R-CNN plus a mask per detection: detections also hold ``masks [N,1,H,W]`` (probabilities)."""
 
@@ -475,13 +486,18 @@ class MaskRCNN(FasterRCNN):
         labels = torch.cat([t["labels"][m] for t, m in zip(targets, matched)])
         return boxes, matched, labels
 
-    def branch_losses(self, features, image_sizes, samples: RoISamples, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def mask_training_batch(self, features, image_sizes, samples: RoISamples, targets: list[dict]) -> MaskBatch:
+        """The mask branch on the positive samples, with the targets its losses need."""
         boxes, matched, labels = self.positive_samples(samples, targets)
-        _, mask_logits = self.masks_for(features, boxes, image_sizes)
+        roi_features, mask_logits = self.masks_for(features, boxes, image_sizes)
         size = mask_logits.shape[-1]
         mask_targets = torch.cat([project_masks_on_boxes(t["masks"], b, m, size)
                                   for t, b, m in zip(targets, boxes, matched)])
-        return {"loss_mask": mask_loss(mask_logits, labels, mask_targets)}
+        return MaskBatch(boxes, matched, labels, roi_features, mask_logits, mask_targets)
+
+    def branch_losses(self, features, image_sizes, samples: RoISamples, targets: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.mask_training_batch(features, image_sizes, samples, targets)
+        return {"loss_mask": mask_loss(batch.mask_logits, batch.labels, batch.mask_targets)}
 
     def add_branch_outputs(self, features, image_sizes, detections: list[dict]) -> torch.Tensor:
         """Adds ``masks [N,1,28,28]`` (the detected class's probabilities) to each detection; returns the RoI features."""
@@ -578,11 +594,8 @@ class MaskScoringRCNN(MaskRCNN):
         self.score_with_mask_iou = True
 
     def branch_losses(self, features, image_sizes, samples: RoISamples, targets: list[dict]) -> dict[str, torch.Tensor]:
-        boxes, matched, labels = self.positive_samples(samples, targets)
-        roi_features, mask_logits = self.masks_for(features, boxes, image_sizes)
-        size = mask_logits.shape[-1]
-        mask_targets = torch.cat([project_masks_on_boxes(t["masks"], b, m, size)
-                                  for t, b, m in zip(targets, boxes, matched)])
+        batch = self.mask_training_batch(features, image_sizes, samples, targets)
+        boxes, matched, labels, roi_features, mask_logits, mask_targets = batch
         losses = {"loss_mask": mask_loss(mask_logits, labels, mask_targets)}
         if mask_targets.numel() == 0:
             losses["loss_maskiou"] = sum(p.sum() * 0 for p in self.maskiou_head.parameters())
@@ -790,7 +803,6 @@ def torchvision_twin(model: FasterRCNN) -> nn.Module:
     backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)},
                                [body.channels[name] for name in ("c2", "c3", "c4", "c5")], channels,
                                extra_blocks=LastLevelMaxPool())
-    backbone.body.load_state_dict(body.state_dict())
     options = dict(
         min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
         rpn_anchor_generator=TorchvisionAnchorGenerator(tuple((s,) for s in cfg.anchor_sizes),
