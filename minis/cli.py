@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     rcnn = suites.add_parser("rcnn", help="Mask R-CNN and minis.ops against torchvision: speed and agreement")
     rcnn.add_argument("--models", nargs="+", default=["maskrcnn_resnet50_fpn"], metavar="TV_MODEL",
                       help="maskrcnn_resnet50_fpn and/or fasterrcnn_resnet50_fpn (default: the first)")
-    rcnn.add_argument("--runs", type=int, default=3, help="timed rounds per model and step (median; default 3)")
+    rcnn.add_argument("--runs", type=int, default=4, help="timed rounds per model and step (median; the order flips each round, so even is fairer; default 4)")
     rcnn.add_argument("--min-size", type=int, default=800, help="short side the models resize to (default 800)")
     rcnn.add_argument("--max-size", type=int, default=1333, help="long side at most (default 1333)")
     rcnn.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"),

@@ -78,10 +78,10 @@ def test_ports_refuse_a_model_without_a_port():
         bench.bench_ports(["lraspp_mobilenet_v3_large"], progress=False)
 
 
-def test_timed_calls_alternate():
+def test_timed_calls_alternate_and_swap_places_each_round():
     calls = []
     medians = bench.interleaved_median_ms([lambda: calls.append("a"), lambda: calls.append("b")], runs=3, warmup=2)
-    assert calls == ["a", "b"] * 5
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
     assert len(medians) == 2 and all(value >= 0 for value in medians)
 
 
