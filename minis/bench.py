@@ -754,6 +754,74 @@ def bench_rcnn_training(
     return rows
 
 
+MASK_SCORING_COLUMNS = [("seed", "d"), ("model", ""), ("ranking", ""), ("box_AP", ".4f"), ("mask_AP", ".4f"),
+                        ("mask_AP50", ".4f"), ("mask_AP75", ".4f"), ("train_s", ".1f")]
+
+
+def bench_mask_scoring(
+    root: str = "data/shapes_semantic",
+    *,
+    seeds: Sequence[int] = (0,),
+    train_config: dict[str, Any] | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train ``mask_rcnn`` and ``ms_rcnn`` with the same settings, recipe and seed; AP of each.
+
+    The Mask Scoring R-CNN is scored twice, on the same detections: ranked by its class scores
+    (what Mask R-CNN would report) and by class score x predicted MaskIoU (its own ranking).
+    Both models start from the same weights (the MaskIoU head is created last), but the sixth
+    loss changes the shared features, so the two runs part ways from the first step; several
+    ``seeds`` show how far two such runs of one model can land apart, against which the
+    difference between the models can be read.
+
+    ``root`` and ``train_config`` as for :func:`bench_rcnn_training`. Returns one row per
+    seed, model and ranking: ``seed``, ``model``, ``ranking``, ``box_AP``, ``mask_AP``,
+    ``mask_AP50``, ``mask_AP75``, ``train_s``.
+    """
+    import minis.models
+    from minis.data import build_datasets, make_shapes
+    from minis.engine import TrainConfig, Trainer
+    from minis.models.rcnn import SHAPES_SETTINGS
+
+    if not (Path(root) / "meta.json").is_file():
+        make_shapes(root, progress=progress, **SEMANTIC_SHAPES)
+    train_set, val_set = build_datasets("shapes", root, "instance", progress=progress)
+    settings = {**RCNN_TRAINING_CONFIG, **(train_config or {})}
+    rows = []
+    for seed in seeds:
+        for name in ("mask_rcnn", "ms_rcnn"):
+            if progress:
+                print(f"training {name} with seed {seed}", flush=True)
+            torch.manual_seed(seed)
+            model = minis.models.build(name, num_classes=train_set.num_classes, **SHAPES_SETTINGS)
+            trainer = Trainer(model, train_set, val_set,
+                              TrainConfig(**{**settings, "seed": seed, "device": device, "eval_every": 0,
+                                             "progress": progress}))
+            started = time.perf_counter()
+            trainer.fit()
+            seconds = time.perf_counter() - started
+            rankings = ["class score"] if name == "mask_rcnn" else ["class score", "class x MaskIoU"]
+            for ranking in rankings:
+                if name == "ms_rcnn":
+                    model.score_with_mask_iou = ranking != "class score"
+                metrics = trainer.evaluate()
+                rows.append({"seed": seed, "model": name, "ranking": ranking, "box_AP": metrics["bbox"]["AP"],
+                             "mask_AP": metrics["segm"]["AP"], "mask_AP50": metrics["segm"]["AP50"],
+                             "mask_AP75": metrics["segm"]["AP75"], "train_s": seconds})
+    return rows
+
+
+def mask_scoring_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of :func:`bench_mask_scoring`'s mask AP, per model and ranking."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["ranking"]), []).append(row["mask_AP"])
+    return [{"model": model, "ranking": ranking, "seeds": len(values), "mask_AP_mean": statistics.mean(values),
+             "mask_AP_std": statistics.stdev(values) if len(values) > 1 else None}
+            for (model, ranking), values in groups.items()]
+
+
 # --------------------------------------------------------------------------------------------
 # Printing
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
     python -m minis bench semantic                              # every semantic model, one table
     python -m minis bench rcnn                                  # Mask R-CNN and minis.ops vs torchvision
     python -m minis bench rcnn-training                         # minis and torchvision Mask R-CNN trained alike
+    python -m minis bench ms-rcnn --seeds 0 1 2                 # Mask R-CNN against Mask Scoring R-CNN, same recipe
 
 ``train`` also runs under ``torchrun --nproc_per_node N -m minis train ...`` (one process per
 GPU, or N CPU processes). Mistakes in a command (unknown model, missing data or checkpoint) are
@@ -363,6 +364,22 @@ def cmd_bench_rcnn_training(args: argparse.Namespace) -> int:
     return _finish_bench({"rows": rows, "mask_AP_gap": gap}, args.json)
 
 
+def cmd_bench_ms_rcnn(args: argparse.Namespace) -> int:
+    from minis import bench
+
+    overrides = {name: getattr(args, name) for name in ("epochs", "lr") if getattr(args, name) is not None}
+    try:
+        rows = bench.bench_mask_scoring(args.root, seeds=args.seeds, train_config=overrides, device=args.device)
+    except (ValueError, FileExistsError) as error:
+        raise UserError(str(error)) from error
+    print(f"\nMask R-CNN and Mask Scoring R-CNN trained alike on {args.root} (same settings, recipe and seed):")
+    print(bench.format_table(rows, bench.MASK_SCORING_COLUMNS))
+    means = bench.mask_scoring_means(rows)
+    print("\nmask AP over the seeds:")
+    print(bench.format_table(means, ["model", "ranking", ("seeds", "d"), ("mask_AP_mean", ".4f"), ("mask_AP_std", ".4f")]))
+    return _finish_bench({"rows": rows, "means": means}, args.json)
+
+
 # --------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------
@@ -438,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=cmd_predict)
 
     bench = commands.add_parser("bench", help="compare models: size, speed and accuracy in one table")
-    suites = bench.add_subparsers(dest="suite", required=True, metavar="{semantic,rcnn,rcnn-training}")
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="{semantic,rcnn,rcnn-training,ms-rcnn}")
     semantic = suites.add_parser("semantic", help="train every semantic model on shapes; minis vs torchvision speed")
     semantic.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
     semantic.add_argument("--models", nargs="+", metavar="MODEL", help="default: all of minis.bench.SEMANTIC_MODELS")
@@ -481,6 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     training.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
     training.set_defaults(handler=cmd_bench_rcnn_training)
+    scoring = suites.add_parser("ms-rcnn", help="train Mask R-CNN and Mask Scoring R-CNN alike; mask AP of each")
+    scoring.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
+    scoring.add_argument("--seeds", type=int, nargs="+", default=[0], help="one pair of runs per seed (default: 0)")
+    scoring.add_argument("--epochs", type=int, help="default: minis.bench.RCNN_TRAINING_CONFIG (the chapters')")
+    scoring.add_argument("--lr", type=float)
+    scoring.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    scoring.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
+    scoring.set_defaults(handler=cmd_bench_ms_rcnn)
     return parser
 
 

@@ -255,3 +255,21 @@ def test_rcnn_training_trains_minis_and_torchvision_alike(tmp_path, one_thread):
         assert 0 <= row["mask_AP"] <= 1 and 0 <= row["box_AP"] <= 1 and row["train_s"] > 0
     assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-3)
     assert abs(rows[0]["mask_AP"] - rows[1]["mask_AP"]) <= 0.02
+
+
+def test_mask_scoring_bench_trains_both_models_and_scores_ms_rcnn_both_ways(tmp_path, one_thread):
+    from minis.data import make_shapes
+
+    root = tmp_path / "shapes"
+    make_shapes(root, num_train=8, num_val=4, image_size=96, progress=False, **bench.SEMANTIC_SHAPES)
+    rows = bench.bench_mask_scoring(str(root), seeds=(0, 1), train_config={"epochs": 1, "batch_size": 4,
+                                                                          "warmup_iters": 2}, progress=False)
+    assert [(row["seed"], row["model"], row["ranking"]) for row in rows] == [
+        (seed, model, ranking) for seed in (0, 1)
+        for model, ranking in (("mask_rcnn", "class score"), ("ms_rcnn", "class score"), ("ms_rcnn", "class x MaskIoU"))]
+    for row in rows:
+        assert 0 <= row["mask_AP"] <= 1 and 0 <= row["box_AP"] <= 1 and row["train_s"] > 0
+    means = bench.mask_scoring_means(rows)
+    assert [(m["model"], m["ranking"], m["seeds"]) for m in means] == [
+        ("mask_rcnn", "class score", 2), ("ms_rcnn", "class score", 2), ("ms_rcnn", "class x MaskIoU", 2)]
+    assert means[0]["mask_AP_mean"] == pytest.approx((rows[0]["mask_AP"] + rows[3]["mask_AP"]) / 2)
