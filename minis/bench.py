@@ -702,6 +702,30 @@ RCNN_TRAINING_CONFIG: dict[str, Any] = {"epochs": 6, "batch_size": 8, "lr": 0.00
                                         "clip_grad_norm": 5.0}
 
 
+def _shapes_instances(root: str, progress: bool) -> tuple[Any, Any]:
+    """The train and val instance datasets of the shapes benchmark in ``root``; a missing one is
+    generated there as the chapters' plain variant (:data:`SEMANTIC_SHAPES`)."""
+    from minis.data import build_datasets, make_shapes
+
+    if not (Path(root) / "meta.json").is_file():
+        make_shapes(root, progress=progress, **SEMANTIC_SHAPES)
+    return build_datasets("shapes", root, "instance", progress=progress)
+
+
+def _train_with_recipe(model: nn.Module, train_set: Any, val_set: Any, train_config: dict[str, Any] | None,
+                       seed: int, device: str, progress: bool) -> tuple[Any, list[dict], float]:
+    """Train ``model`` by :data:`RCNN_TRAINING_CONFIG` (``train_config`` overrides it), evaluating
+    only at the end; returns the trainer, its history and the training seconds."""
+    from minis.engine import TrainConfig, Trainer
+
+    config = TrainConfig(**{**RCNN_TRAINING_CONFIG, **(train_config or {}), "seed": seed, "device": device,
+                            "eval_every": 0, "progress": progress})
+    trainer = Trainer(model, train_set, val_set, config)
+    started = time.perf_counter()
+    history = trainer.fit()
+    return trainer, history, time.perf_counter() - started
+
+
 def bench_rcnn_training(
     root: str = "data/shapes_semantic",
     *,
@@ -726,28 +750,19 @@ def bench_rcnn_training(
     ``mask_AP50``, ``final_loss`` (mean over the last epoch) and ``train_s``.
     """
     import minis.models
-    from minis.data import build_datasets, make_shapes
-    from minis.engine import TrainConfig, Trainer
     from minis.models.rcnn import SHAPES_SETTINGS, torchvision_twin
 
-    if not (Path(root) / "meta.json").is_file():  # a missing benchmark: the chapters' plain variant
-        make_shapes(root, progress=progress, **SEMANTIC_SHAPES)
-    train_set, val_set = build_datasets("shapes", root, "instance", progress=progress)
+    train_set, val_set = _shapes_instances(root, progress)
     torch.manual_seed(seed)
     ours = minis.models.build("mask_rcnn", num_classes=train_set.num_classes,
                               **(SHAPES_SETTINGS if model_kwargs is None else model_kwargs))
     twin = torchvision_twin(ours)
-    settings = {**RCNN_TRAINING_CONFIG, **(train_config or {})}
     rows = []
     for name, model in (("minis", ours), ("torchvision", twin)):
         if progress:
             print(f"training the {name} Mask R-CNN", flush=True)
-        trainer = Trainer(model, train_set, val_set,
-                          TrainConfig(**{**settings, "seed": seed, "device": device, "eval_every": 0,
-                                         "progress": progress}))
-        started = time.perf_counter()
-        history = trainer.fit()
-        seconds = time.perf_counter() - started
+        trainer, history, seconds = _train_with_recipe(model, train_set, val_set, train_config, seed, device,
+                                                       progress)
         metrics = trainer.evaluate()
         rows.append({"implementation": name, "box_AP": metrics["bbox"]["AP"], "mask_AP": metrics["segm"]["AP"],
                      "mask_AP50": metrics["segm"]["AP50"], "final_loss": history[-1]["loss"], "train_s": seconds})
@@ -780,14 +795,9 @@ def bench_mask_scoring(
     ``mask_AP50``, ``mask_AP75``, ``train_s``.
     """
     import minis.models
-    from minis.data import build_datasets, make_shapes
-    from minis.engine import TrainConfig, Trainer
     from minis.models.rcnn import SHAPES_SETTINGS
 
-    if not (Path(root) / "meta.json").is_file():
-        make_shapes(root, progress=progress, **SEMANTIC_SHAPES)
-    train_set, val_set = build_datasets("shapes", root, "instance", progress=progress)
-    settings = {**RCNN_TRAINING_CONFIG, **(train_config or {})}
+    train_set, val_set = _shapes_instances(root, progress)
     rows = []
     for seed in seeds:
         for name in ("mask_rcnn", "ms_rcnn"):
@@ -795,16 +805,11 @@ def bench_mask_scoring(
                 print(f"training {name} with seed {seed}", flush=True)
             torch.manual_seed(seed)
             model = minis.models.build(name, num_classes=train_set.num_classes, **SHAPES_SETTINGS)
-            trainer = Trainer(model, train_set, val_set,
-                              TrainConfig(**{**settings, "seed": seed, "device": device, "eval_every": 0,
-                                             "progress": progress}))
-            started = time.perf_counter()
-            trainer.fit()
-            seconds = time.perf_counter() - started
-            rankings = ["class score"] if name == "mask_rcnn" else ["class score", "class x MaskIoU"]
-            for ranking in rankings:
-                if name == "ms_rcnn":
-                    model.score_with_mask_iou = ranking != "class score"
+            trainer, _, seconds = _train_with_recipe(model, train_set, val_set, train_config, seed, device, progress)
+            # Mask R-CNN ranks by class score; Mask Scoring R-CNN is scored both ways on its detections
+            for rescore in ([False] if name == "mask_rcnn" else [False, True]):
+                model.score_with_mask_iou = rescore
+                ranking = "class x MaskIoU" if rescore else "class score"
                 metrics = trainer.evaluate()
                 rows.append({"seed": seed, "model": name, "ranking": ranking, "box_AP": metrics["bbox"]["AP"],
                              "mask_AP": metrics["segm"]["AP"], "mask_AP50": metrics["segm"]["AP50"],

@@ -349,12 +349,17 @@ def cmd_bench_rcnn(args: argparse.Namespace) -> int:
     return _finish_bench(rows, args.json)
 
 
+def _recipe_overrides(args: argparse.Namespace) -> dict:
+    """The training-recipe options given on the command line (the rest stay the recipe's)."""
+    return {name: getattr(args, name) for name in ("epochs", "lr") if getattr(args, name) is not None}
+
+
 def cmd_bench_rcnn_training(args: argparse.Namespace) -> int:
     from minis import bench
 
-    overrides = {name: getattr(args, name) for name in ("epochs", "lr") if getattr(args, name) is not None}
     try:
-        rows = bench.bench_rcnn_training(args.root, train_config=overrides, seed=args.seed, device=args.device)
+        rows = bench.bench_rcnn_training(args.root, train_config=_recipe_overrides(args), seed=args.seed,
+                                         device=args.device)
     except (ValueError, FileExistsError) as error:
         raise UserError(str(error)) from error
     print(f"\nMask R-CNN trained by the minis Trainer on {args.root}, minis against torchvision (same start, same recipe):")
@@ -367,9 +372,9 @@ def cmd_bench_rcnn_training(args: argparse.Namespace) -> int:
 def cmd_bench_ms_rcnn(args: argparse.Namespace) -> int:
     from minis import bench
 
-    overrides = {name: getattr(args, name) for name in ("epochs", "lr") if getattr(args, name) is not None}
     try:
-        rows = bench.bench_mask_scoring(args.root, seeds=args.seeds, train_config=overrides, device=args.device)
+        rows = bench.bench_mask_scoring(args.root, seeds=args.seeds, train_config=_recipe_overrides(args),
+                                        device=args.device)
     except (ValueError, FileExistsError) as error:
         raise UserError(str(error)) from error
     print(f"\nMask R-CNN and Mask Scoring R-CNN trained alike on {args.root} (same settings, recipe and seed):")
@@ -491,21 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     rcnn.add_argument("--json", metavar="OUT", help="also write every row to this JSON file")
     rcnn.set_defaults(handler=cmd_bench_rcnn)
     training = suites.add_parser("rcnn-training", help="train minis' and torchvision's Mask R-CNN alike; AP of each")
-    training.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
-    training.add_argument("--epochs", type=int, help="default: minis.bench.RCNN_TRAINING_CONFIG (the chapter's)")
-    training.add_argument("--lr", type=float)
     training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
-    training.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
     training.set_defaults(handler=cmd_bench_rcnn_training)
     scoring = suites.add_parser("ms-rcnn", help="train Mask R-CNN and Mask Scoring R-CNN alike; mask AP of each")
-    scoring.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
     scoring.add_argument("--seeds", type=int, nargs="+", default=[0], help="one pair of runs per seed (default: 0)")
-    scoring.add_argument("--epochs", type=int, help="default: minis.bench.RCNN_TRAINING_CONFIG (the chapters')")
-    scoring.add_argument("--lr", type=float)
-    scoring.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
-    scoring.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
     scoring.set_defaults(handler=cmd_bench_ms_rcnn)
+    for suite in (training, scoring):  # both train R-CNNs on shapes with the chapters' recipe
+        suite.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
+        suite.add_argument("--epochs", type=int, help="default: minis.bench.RCNN_TRAINING_CONFIG (the chapters')")
+        suite.add_argument("--lr", type=float)
+        suite.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+        suite.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
     return parser
 
 
