@@ -26,7 +26,6 @@ random state. The FPN and image plumbing live in :mod:`minis.nn.fpn` and
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple, Sequence
 
@@ -39,7 +38,8 @@ from torch import nn
 from torchvision.ops import batched_nms, roi_align
 
 from minis.models import register
-from minis.models.porting import register_port
+from minis.models.porting import (backbone_fpn_from_torchvision, register_port, rename_keys,
+                                  torchvision_backbone_with_fpn)
 from minis.nn.detection import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, DetectionTransform, ImageBatch,
                                 check_targets, match_boxes, sample_balanced)
 from minis.nn.fpn import BackboneFPN, backbone_fpn
@@ -685,17 +685,7 @@ _KEY_MAP = (
 
 
 def _minis_key(key: str) -> str:
-    for source, target in _KEY_MAP:
-        if "{i}" not in source:
-            if key.startswith(source):
-                return target + key[len(source):]
-            continue
-        head, tail = source.split("{i}")
-        if key.startswith(head):
-            index, _, rest = key[len(head):].partition(".")
-            if index.isdigit() and ("." + rest).startswith(tail):
-                return target.format(i=index) + ("." + rest)[len(tail):]
-    return key
+    return rename_keys(key, _KEY_MAP)
 
 
 def _config_from_torchvision(tv_model: nn.Module) -> RCNNConfig:
@@ -730,29 +720,6 @@ def _config_from_torchvision(tv_model: nn.Module) -> RCNNConfig:
     )
 
 
-def _backbone_from_torchvision(tv_model: nn.Module) -> BackboneFPN:
-    """A minis ResNet-FPN shaped like the torchvision model's (depth, width, norm layer)."""
-    from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBN
-    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-
-    from minis.nn.backbones import DEPTHS, ResNet
-
-    body = tv_model.backbone.body
-    fpn = tv_model.backbone.fpn
-    if not isinstance(fpn.extra_blocks, LastLevelMaxPool):
-        raise ValueError(f"the port expects FPN's LastLevelMaxPool extra block, got {type(fpn.extra_blocks).__name__}")
-    blocks = tuple(len(getattr(body, f"layer{i}")) for i in range(1, 5))
-    kind = "bottleneck" if hasattr(body.layer1[0], "conv3") else "basic"
-    depth = next((d for d, (k, b) in DEPTHS.items() if k == kind and b == blocks), None)
-    if depth is None:
-        raise ValueError(f"no minis ResNet with {kind} blocks {blocks}")
-    frozen = isinstance(body.bn1, TorchvisionFrozenBN)
-    minis_body = ResNet(depth, 32, frozen_bn=frozen, width=body.conv1.out_channels)
-    for name, parameter in body.named_parameters():  # keep which stages are frozen
-        minis_body.get_parameter(name).requires_grad_(parameter.requires_grad)
-    return BackboneFPN(minis_body, fpn.layer_blocks[0][0].out_channels)
-
-
 @register_port("FasterRCNN")
 @register_port("MaskRCNN")
 def from_torchvision_rcnn(tv_model: nn.Module) -> FasterRCNN:
@@ -771,7 +738,7 @@ def from_torchvision_rcnn(tv_model: nn.Module) -> FasterRCNN:
     if has_mask:
         config.mask_head_channels = heads.mask_predictor.conv5_mask.out_channels
         config.mask_head_layers = len(heads.mask_head)
-    model = (MaskRCNN if has_mask else FasterRCNN)(_backbone_from_torchvision(tv_model), num_classes, config)
+    model = (MaskRCNN if has_mask else FasterRCNN)(backbone_fpn_from_torchvision(tv_model.backbone), num_classes, config)
     state = {_minis_key(k): v for k, v in tv_model.state_dict().items()}
     model.load_state_dict(state, strict=True)
     model.build_args = {"name": "mask_rcnn" if has_mask else "faster_rcnn", "num_classes": num_classes,
@@ -791,18 +758,13 @@ def torchvision_twin(model: FasterRCNN) -> nn.Module:
     from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
     from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
-    from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
     if isinstance(model, MaskScoringRCNN):
         raise TypeError("Mask Scoring R-CNN has no torchvision counterpart")
     cfg, channels = model.config, model.backbone.channels
-    body = copy.deepcopy(model.backbone.body)
-    backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)},
-                               [body.channels[name] for name in ("c2", "c3", "c4", "c5")], channels,
-                               extra_blocks=LastLevelMaxPool())
+    backbone = torchvision_backbone_with_fpn(model.backbone)
     options = dict(
         min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
         rpn_anchor_generator=TorchvisionAnchorGenerator(tuple((s,) for s in cfg.anchor_sizes),

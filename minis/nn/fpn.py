@@ -8,11 +8,14 @@ resolution. A 3x3 convolution on each sum removes the upsampling's aliasing. Det
 look for small objects on the fine levels and large ones on the coarse levels, all with one
 set of head weights because every level has the same channel count.
 
-``P6`` (stride 64), used only by the RPN for the largest anchors, is ``P5`` max-pooled with
-stride 2, as in the paper's Faster R-CNN.
+Coarser levels come in two flavours. For Faster R-CNN, ``P6`` (stride 64), used only by the
+RPN for the largest anchors, is ``P5`` max-pooled with stride 2, as in the FPN paper. One-stage
+detectors (RetinaNet, FCOS) start at ``P3`` and need real features for large objects: ``P6`` is a
+3x3 stride-2 convolution of ``P5`` and ``P7`` another one after a ReLU (``top="p6p7"``).
 
-Parameter shapes and the computation follow torchvision's ``FeaturePyramidNetwork`` and
-``BackboneWithFPN`` so that :mod:`minis.models.porting` can load its weights.
+Parameter shapes and the computation follow torchvision's ``FeaturePyramidNetwork`` (with its
+``LastLevelMaxPool`` or ``LastLevelP6P7`` block) and ``BackboneWithFPN`` so that
+:mod:`minis.models.porting` can load its weights.
 """
 
 from __future__ import annotations
@@ -28,20 +31,31 @@ from minis.nn.backbones import build_backbone
 FPN_LEVELS = ("c2", "c3", "c4", "c5")
 
 
+TOPS = ("pool", "p6p7", "none")
+
+
 class FPN(nn.Module):
-    """``[c2..c5]`` backbone maps -> ``[P2, P3, P4, P5, P6]``, all with ``channels`` channels.
+    """Backbone maps (e.g. ``[c2..c5]``) -> one output per map plus the ``top`` levels, all with ``channels`` channels.
 
     Shapes: input level ``l`` is ``[B, in_channels[l], H/s_l, W/s_l]``; output ``P_l`` is
-    ``[B, channels, H/s_l, W/s_l]`` and ``P6`` is ``P5`` at half its size.
+    ``[B, channels, H/s_l, W/s_l]``. ``top="pool"`` adds one level (the last output max-pooled
+    with stride 2), ``top="p6p7"`` two (stride-2 convolutions), ``top="none"`` nothing.
     """
 
-    def __init__(self, in_channels: Sequence[int], channels: int = 256, extra_pool: bool = True) -> None:
+    def __init__(self, in_channels: Sequence[int], channels: int = 256, top: str = "pool") -> None:
         super().__init__()
+        if top not in TOPS:
+            raise ValueError(f"top must be one of {TOPS}, got {top!r}")
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         self.smooth = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
-        self.extra_pool = extra_pool
+        self.top = top
         self.channels = channels
-        for conv in [*self.lateral, *self.smooth]:
+        extra = []
+        if top == "p6p7":
+            self.p6 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+            self.p7 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+            extra = [self.p6, self.p7]
+        for conv in [*self.lateral, *self.smooth, *extra]:
             # kaiming-uniform with a=1 (the gain of a linear layer: no ReLU follows these convolutions)
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
@@ -54,27 +68,36 @@ class FPN(nn.Module):
             # nearest-neighbour upsampling to the lateral's exact size (odd sizes do not double evenly)
             top_down = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
             outputs.insert(0, self.smooth[level](top_down))
-        if self.extra_pool:
+        if self.top == "pool":
             outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))  # P6: subsample P5
+        elif self.top == "p6p7":
+            p6 = self.p6(outputs[-1])
+            outputs += [p6, self.p7(F.relu(p6))]
         return outputs
 
 
 class BackboneFPN(nn.Module):
-    """A backbone and its FPN: ``images [B,3,H,W] (normalised) -> [P2, P3, P4, P5, P6]``.
+    """A backbone and its FPN: ``images [B,3,H,W] (normalised) -> [P2, P3, P4, P5, P6]`` by default.
 
-    ``strides`` gives each output's stride; ``channels`` their common channel count.
+    ``levels`` names the backbone maps the FPN reads (``("c3", "c4", "c5")`` with ``top="p6p7"``
+    gives FCOS's ``[P3..P7]``). ``strides`` gives each output's stride; ``channels`` their common
+    channel count.
     """
 
-    def __init__(self, body: nn.Module, channels: int = 256) -> None:
+    def __init__(self, body: nn.Module, channels: int = 256, levels: Sequence[str] = FPN_LEVELS,
+                 top: str = "pool") -> None:
         super().__init__()
         self.body = body
-        self.fpn = FPN([body.channels[name] for name in FPN_LEVELS], channels)
+        self.levels = tuple(levels)
+        self.fpn = FPN([body.channels[name] for name in self.levels], channels, top)
         self.channels = channels
-        self.strides = (4, 8, 16, 32, 64)
+        first = int(self.levels[0][1:])  # "c3" -> stride 2**3
+        count = len(self.levels) + {"pool": 1, "p6p7": 2, "none": 0}[top]
+        self.strides = tuple(2 ** (first + i) for i in range(count))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         features = self.body(images)
-        return self.fpn([features[name] for name in FPN_LEVELS])
+        return self.fpn([features[name] for name in self.levels])
 
 
 def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
@@ -95,8 +118,9 @@ def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
 
 
 def backbone_fpn(name: str = "resnet50", channels: int = 256, pretrained: bool = False, frozen_bn: bool | None = None,
-                 trainable_layers: int | None = None) -> BackboneFPN:
-    """A ResNet (or the small CPU ResNet) with an FPN on ``c2..c5``.
+                 trainable_layers: int | None = None, levels: Sequence[str] = FPN_LEVELS,
+                 top: str = "pool") -> BackboneFPN:
+    """A ResNet (or the small CPU ResNet) with an FPN on ``levels`` (``c2..c5`` by default).
 
     Defaults follow torchvision's detection models: with ImageNet weights, frozen batch norm
     and three trainable stages; from scratch, ordinary batch norm and every stage trainable
@@ -107,4 +131,4 @@ def backbone_fpn(name: str = "resnet50", channels: int = 256, pretrained: bool =
     frozen_bn = pretrained if frozen_bn is None else frozen_bn
     body = build_backbone(name, output_stride=32, frozen_bn=frozen_bn, pretrained=pretrained)
     freeze_stages(body, (3 if pretrained else 5) if trainable_layers is None else trainable_layers)
-    return BackboneFPN(body, channels)
+    return BackboneFPN(body, channels, levels, top)

@@ -1,0 +1,484 @@
+"""FCOS (Tian, Shen, Chen & He, ICCV 2019): detection without anchors, one location at a time.
+
+Faster R-CNN's RPN places a few anchor boxes at every position and learns to correct the one
+that overlaps an object best. That brings hyper-parameters (sizes, aspect ratios, IoU
+thresholds) and tens of thousands of boxes to match per image. FCOS drops the anchors: every
+location ``(x, y)`` of every FPN level directly predicts
+
+* a score per class (is this location inside an object of class ``c``?),
+* four distances ``(l, t, r, b)`` from the location to the sides of that object's box,
+* a *centre-ness* in 0..1: how close the location is to the centre of that box.
+
+Which locations learn which object (:func:`assign_locations`):
+
+* **Inside the box, near its centre.** A location is a candidate for an object when it lies
+  inside the box and within ``radius x stride`` of the box's centre ("centre sampling", from
+  the FCOS journal version): locations near the border of a box see mostly other things.
+* **Multi-level ranges.** Level ``P_l`` is responsible for objects whose largest distance
+  ``max(l, t, r, b)`` falls in its range (0-64 pixels for ``P3``, 64-128 for ``P4``, ... 512+
+  for ``P7``). Large objects go to coarse levels, small ones to fine levels, and two
+  overlapping objects of different sizes rarely compete for the same location.
+* **Ambiguity.** A location that still qualifies for several objects learns the smallest.
+
+Losses: focal loss for the classes over all locations, GIoU loss for the boxes and binary
+cross-entropy for the centre-ness over the positive locations, each divided by their number.
+At inference the score of a location is ``sqrt(class probability x centre-ness)``, so that
+boxes predicted far from an object's centre (usually poor ones) rank low; the best 1000 above a
+threshold per level go through NMS.
+
+The computation follows torchvision's ``FCOS`` (tests compare outputs, losses and gradients),
+including two of its conventions: locations sit at ``(x * stride, y * stride)``, the corner of
+each cell rather than its centre (``location_offset=0.5`` gives the paper's centres), and the
+class logits have a column for the background label 0 that is never a positive. Detections
+never carry label 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms  # compiled; minis.ops.batched_nms is the same (tests/test_ops.py)
+
+from minis.models import register
+from minis.models.porting import (backbone_fpn_from_torchvision, register_port, rename_keys,
+                                  torchvision_backbone_with_fpn)
+from minis.nn.detection import DetectionTransform, ImageBatch, check_targets
+from minis.nn.fpn import BackboneFPN, backbone_fpn
+from minis.nn.losses import giou_loss, sigmoid_focal_loss
+from minis.ops import clip_boxes_to_image
+
+FCOS_LEVELS = ("c3", "c4", "c5")  # FPN inputs; P6 and P7 are convolutions of P5
+
+
+@dataclass
+class FCOSConfig:
+    """FCOS's settings, with torchvision's names and defaults where it has them (its COCO recipe)."""
+
+    # images: short side min_size (a tuple: drawn per image in training), long side at most max_size
+    min_size: int | tuple[int, ...] = 800
+    max_size: int = 1333
+    image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    # head
+    head_convs: int = 4  # 3x3 conv + group norm + ReLU layers in each tower
+    prior_probability: float = 0.01  # initial class probability, so the background does not swamp the first steps
+    # training targets
+    center_sampling_radius: float = 1.5  # in strides of the location's level
+    level_bounds: tuple[float, ...] | None = None  # limits of max(l,t,r,b) between levels; None: 8 x stride
+    location_offset: float = 0.0  # where a location sits in its cell, in strides (0.5: the cell's centre)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    # inference
+    score_thresh: float = 0.2
+    nms_thresh: float = 0.6
+    detections_per_img: int = 100
+    topk_candidates: int = 1000  # per level, before NMS
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> tuple["FCOSConfig", dict]:
+        """Split builder keyword arguments into a config and the rest."""
+        names = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in kwargs.items() if k in names})
+        return config, {k: v for k, v in kwargs.items() if k not in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# The head
+# ----------------------------------------------------------------------------------------------
+
+
+def tower(channels: int, layers: int) -> nn.Sequential:
+    """``layers`` x (3x3 convolution, group norm with 32 groups, ReLU); shapes unchanged.
+
+    Group norm, not batch norm: detection batches hold two images per GPU, too few for batch
+    statistics, and the same weights run on five levels whose statistics differ.
+    """
+    modules: list[nn.Module] = []
+    for _ in range(layers):
+        conv = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.zeros_(conv.bias)
+        modules += [conv, nn.GroupNorm(32, channels), nn.ReLU()]
+    return nn.Sequential(*modules)
+
+
+class HeadOutputs(NamedTuple):
+    """The head's outputs for all levels, flattened and concatenated (``N = sum_l H_l*W_l``)."""
+
+    class_logits: torch.Tensor  # [B,N,classes]
+    distances: torch.Tensor  # [B,N,4] (l,t,r,b) / stride, >= 0
+    centerness: torch.Tensor  # [B,N] logits
+    box_features: list[torch.Tensor]  # per level [B,C,H_l,W_l]: the regression tower's output
+
+
+def flatten_levels(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-level ``[B,V,H,W]`` -> ``[B, sum_l H*W, V]``, level by level, positions row-major."""
+    return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+
+
+class FCOSHead(nn.Module):
+    """Two towers shared by all levels: classes from one; box distances and centre-ness from the other.
+
+    Centre-ness sits on the regression tower (the FCOS journal version: better than on the
+    classification tower). Distances go through a ReLU: they are measured in strides, and a
+    location inside its box has all four positive.
+    """
+
+    def __init__(self, channels: int, num_classes: int, convs: int = 4, prior_probability: float = 0.01) -> None:
+        super().__init__()
+        self.cls_tower = tower(channels, convs)
+        self.box_tower = tower(channels, convs)
+        self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.distances = nn.Conv2d(channels, 4, 3, padding=1)
+        self.centerness = nn.Conv2d(channels, 1, 3, padding=1)
+        for conv in (self.cls_logits, self.distances, self.centerness):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        # start every class at probability ``prior`` (the focal-loss paper's trick)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_probability) / prior_probability))
+
+    def forward(self, features: Sequence[torch.Tensor]) -> HeadOutputs:
+        cls_features = [self.cls_tower(f) for f in features]
+        box_features = [self.box_tower(f) for f in features]
+        return HeadOutputs(
+            flatten_levels([self.cls_logits(f) for f in cls_features]),
+            flatten_levels([F.relu(self.distances(f)) for f in box_features]),
+            flatten_levels([self.centerness(f) for f in box_features])[..., 0],
+            box_features,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Locations and their targets
+# ----------------------------------------------------------------------------------------------
+
+
+class Locations(NamedTuple):
+    """Every location of every level of a padded batch (``N`` in all, the head's order)."""
+
+    points: torch.Tensor  # [N,2] (x, y) in padded-image pixels
+    strides: torch.Tensor  # [N] the stride of the location's level
+    levels: torch.Tensor  # [N] int64 level index (0 = P3)
+    counts: list[int]  # locations per level
+
+
+def make_locations(features: Sequence[torch.Tensor], padded_size: Sequence[int], strides: Sequence[int],
+                   offset: float = 0.0) -> Locations:
+    """The image point each feature-map position stands for, level by level, row-major.
+
+    Position ``(i, j)`` of a ``(h, w)`` map is ``((j + offset) * step_x, (i + offset) * step_y)``
+    with ``step = padded size // map size``. That is the nominal stride on P3..P5; on P6/P7 the
+    stride-2 convolutions round odd sizes up and the step can differ, and we use the step (as
+    torchvision does) so that positions span the image.
+    """
+    points, location_strides, levels, counts = [], [], [], []
+    device = features[0].device
+    for level, (feature, stride) in enumerate(zip(features, strides)):
+        height, width = feature.shape[-2:]
+        step_y, step_x = padded_size[0] // height, padded_size[1] // width
+        ys = (torch.arange(height, device=device, dtype=torch.float32) + offset) * step_y
+        xs = (torch.arange(width, device=device, dtype=torch.float32) + offset) * step_x
+        y, x = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack([x.flatten(), y.flatten()], dim=1))
+        location_strides.append(torch.full((height * width,), float(stride), device=device))
+        levels.append(torch.full((height * width,), level, dtype=torch.int64, device=device))
+        counts.append(height * width)
+    return Locations(torch.cat(points), torch.cat(location_strides), torch.cat(levels), counts)
+
+
+def distances_to_boxes(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``(l, t, r, b)`` from points ``[...,2]`` to the sides of boxes ``[...,4]`` (broadcast): ``[...,4]``."""
+    x, y = points[..., 0], points[..., 1]
+    return torch.stack([x - boxes[..., 0], y - boxes[..., 1], boxes[..., 2] - x, boxes[..., 3] - y], dim=-1)
+
+
+def decode_distances(distances: torch.Tensor, points: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+    """Boxes ``[...,4]`` xyxy from distances in strides ``[...,4]``, points ``[...,2]``, strides ``[...]``."""
+    d = distances * strides[..., None]
+    x, y = points[..., 0], points[..., 1]
+    return torch.stack([x - d[..., 0], y - d[..., 1], x + d[..., 2], y + d[..., 3]], dim=-1)
+
+
+def centerness_target(distances: torch.Tensor) -> torch.Tensor:
+    """``sqrt(min(l,r)/max(l,r) x min(t,b)/max(t,b))``: 1 at the box's centre, 0 on its border (``[...,4] -> [...]``)."""
+    left_right, top_bottom = distances[..., 0::2], distances[..., 1::2]
+    return torch.sqrt(left_right.min(-1).values / left_right.max(-1).values
+                      * top_bottom.min(-1).values / top_bottom.max(-1).values)
+
+
+def level_ranges(strides: torch.Tensor, levels: torch.Tensor, num_levels: int,
+                 bounds: Sequence[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each location's ``(low, high)`` limits on ``max(l,t,r,b)``; the first level starts at 0, the last has no top.
+
+    ``bounds`` holds the ``num_levels - 1`` limits between consecutive levels; by default
+    ``8 x stride`` of the lower level (64, 128, 256, 512 for P3..P7, the paper's).
+    """
+    if bounds is None:
+        high, low = strides * 8, strides * 4
+    else:
+        if len(bounds) != num_levels - 1:
+            raise ValueError(f"level_bounds needs {num_levels - 1} values for {num_levels} levels, got {len(bounds)}")
+        limits = torch.tensor([0.0, *bounds, math.inf], device=strides.device)
+        low, high = limits[levels], limits[levels + 1]
+    low = torch.where(levels == 0, torch.zeros_like(low), low)
+    high = torch.where(levels == num_levels - 1, torch.full_like(high, math.inf), high)
+    return low, high
+
+
+def assign_locations(locations: Locations, boxes: torch.Tensor, radius: float, low: torch.Tensor,
+                     high: torch.Tensor) -> torch.Tensor:
+    """The object each location learns: ``[N]`` index into ``boxes [M,4]``, or -1 for background.
+
+    All locations against all objects at once (``[N,M]`` tests), no loop over either.
+    """
+    if len(boxes) == 0:
+        return torch.full((len(locations.points),), -1, dtype=torch.int64, device=boxes.device)
+    points, strides = locations.points, locations.strides
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    near_centre = (points[:, None] - centres[None]).abs().max(dim=2).values < radius * strides[:, None]
+    distances = distances_to_boxes(points[:, None], boxes[None])  # [N,M,4]
+    inside = distances.min(dim=2).values > 0
+    reach = distances.max(dim=2).values
+    in_range = (reach > low[:, None]) & (reach < high[:, None])
+    candidate = near_centre & inside & in_range
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    # the smallest candidate object wins: a location inside a small object in front of a large
+    # one most likely sees the small one
+    area = torch.where(candidate, area[None].expand_as(candidate), torch.full_like(distances[..., 0], math.inf))
+    smallest, matched = area.min(dim=1)
+    matched[torch.isinf(smallest)] = -1
+    return matched
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class FCOS(nn.Module):
+    """``model(images: list[[3,H,W]] in 0..1, targets=None)``: losses in training, detections in eval.
+
+    Detections per image: ``boxes [N,4]`` (xyxy, input pixels), ``labels [N]`` (1..K), ``scores [N]``.
+    """
+
+    task = "instance"
+
+    def __init__(self, backbone: BackboneFPN, num_classes: int, config: FCOSConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or FCOSConfig()
+        self.num_classes = num_classes
+        self.transform = DetectionTransform(config.min_size, config.max_size, config.image_mean, config.image_std)
+        self.backbone = backbone
+        self.head = FCOSHead(backbone.channels, num_classes, config.head_convs, config.prior_probability)
+
+    def forward(self, images: Sequence[torch.Tensor], targets: list[dict] | None = None):
+        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        if self.training:
+            check_targets(targets, len(images))
+        batch, targets = self.transform(images, targets if self.training else None)
+        features = self.backbone(batch.tensors)  # [P3..P7]
+        outputs = self.head(features)
+        locations = make_locations(features, batch.tensors.shape[-2:], self.backbone.strides,
+                                   self.config.location_offset)
+        if self.training:
+            matched = self.assign(locations, targets)
+            losses = self.detection_losses(outputs, locations, matched, targets)
+            losses.update(self.branch_losses(batch, features, outputs, locations, matched, targets))
+            return losses
+        detections, kept = self.detect(outputs, locations, batch.image_sizes)
+        self.add_branch_outputs(batch, features, outputs, locations, detections, kept)
+        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def assign(self, locations: Locations, targets: list[dict]) -> list[torch.Tensor]:
+        """Per image, the matched object of every location (``[N]``, -1 for background)."""
+        low, high = level_ranges(locations.strides, locations.levels, len(locations.counts), self.config.level_bounds)
+        return [assign_locations(locations, t["boxes"], self.config.center_sampling_radius, low, high)
+                for t in targets]
+
+    def detection_losses(self, outputs: HeadOutputs, locations: Locations, matched: list[torch.Tensor],
+                         targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Focal loss over all locations; GIoU and centre-ness over the positives; all divided by their count."""
+        cfg = self.config
+        matched = torch.stack(matched)  # [B,N]
+        positive = matched >= 0
+        num_positive = max(1, int(positive.sum()))
+        image_index, location_index = positive.nonzero(as_tuple=True)
+        object_index = matched[image_index, location_index]
+        gt_boxes = torch.cat([t["boxes"] for t in targets])
+        first_object = torch.tensor([0] + [len(t["boxes"]) for t in targets[:-1]], device=gt_boxes.device).cumsum(0)
+        flat_object = first_object[image_index] + object_index  # index into the whole batch's objects
+        gt_labels = torch.cat([t["labels"] for t in targets])[flat_object]
+
+        class_targets = torch.zeros_like(outputs.class_logits)
+        class_targets[image_index, location_index, gt_labels] = 1.0
+        loss_cls = sigmoid_focal_loss(outputs.class_logits, class_targets, cfg.focal_alpha, cfg.focal_gamma,
+                                      reduction="sum")
+        points, strides = locations.points[location_index], locations.strides[location_index]
+        boxes = decode_distances(outputs.distances[image_index, location_index], points, strides)
+        loss_box = giou_loss(boxes, gt_boxes[flat_object], reduction="sum")
+        true_distances = distances_to_boxes(points, gt_boxes[flat_object])  # [P,4]
+        loss_centerness = F.binary_cross_entropy_with_logits(
+            outputs.centerness[image_index, location_index], centerness_target(true_distances), reduction="sum")
+        return {"loss_classifier": loss_cls / num_positive, "loss_box_giou": loss_box / num_positive,
+                "loss_centerness": loss_centerness / num_positive}
+
+    def branch_losses(self, batch: ImageBatch, features: list[torch.Tensor], outputs: HeadOutputs,
+                      locations: Locations, matched: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Losses of the branches a subclass adds (CondInst: the masks). None here."""
+        return {}
+
+    # -- inference ------------------------------------------------------------------------------
+
+    def detect(self, outputs: HeadOutputs, locations: Locations, image_sizes: list[tuple[int, int]]
+               ) -> tuple[list[dict], list[torch.Tensor]]:
+        """Per image: scored candidates per level, the best ``topk_candidates`` each, NMS per class.
+
+        Returns the detections and, per image, the location index ``[D]`` of each detection (for
+        branches that need the location's other outputs, like CondInst's mask parameters).
+        """
+        cfg = self.config
+        # the background column is never trained positive; a detection of it means nothing
+        probabilities = outputs.class_logits.sigmoid()[..., 1:]
+        scores_all = torch.sqrt(probabilities * outputs.centerness.sigmoid()[..., None])  # [B,N,K-1]
+        num_foreground = scores_all.shape[-1]
+        detections, kept = [], []
+        for image, size in enumerate(image_sizes):
+            candidates, start = [], 0
+            for count in locations.counts:
+                scores = scores_all[image, start:start + count].flatten()
+                index = torch.nonzero(scores > cfg.score_thresh).squeeze(1)
+                top_scores, order = scores[index].topk(min(cfg.topk_candidates, len(index)))
+                candidates.append((index[order] + start * num_foreground, top_scores))
+                start += count
+            flat_index = torch.cat([c[0] for c in candidates])
+            scores = torch.cat([c[1] for c in candidates])
+            location = torch.div(flat_index, num_foreground, rounding_mode="floor")
+            labels = flat_index % num_foreground + 1
+            boxes = decode_distances(outputs.distances[image, location], locations.points[location],
+                                     locations.strides[location])
+            boxes = clip_boxes_to_image(boxes, size)
+            keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
+            detections.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+            kept.append(location[keep])
+        return detections, kept
+
+    def add_branch_outputs(self, batch: ImageBatch, features: list[torch.Tensor], outputs: HeadOutputs,
+                           locations: Locations, detections: list[dict], kept: list[torch.Tensor]) -> None:
+        """Outputs of the branches a subclass adds, written into ``detections``. None here."""
+
+
+# The settings the book's chapters use on the 128-pixel shapes benchmark, for a 2-core CPU: the
+# small backbone, a 64-channel FPN and two convolutions per tower instead of four.
+SHAPES_SETTINGS: dict = {"backbone": "small", "fpn_channels": 64, "min_size": 128, "max_size": 256, "head_convs": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# Builder and the torchvision port
+# ----------------------------------------------------------------------------------------------
+
+
+def build_fcos_backbone(backbone: str, pretrained_backbone: bool, fpn_channels: int,
+                        trainable_layers: int | None) -> BackboneFPN:
+    """A ResNet with an FPN on ``c3..c5`` plus ``P6``/``P7`` convolutions: ``[P3..P7]``."""
+    return backbone_fpn(backbone, fpn_channels, pretrained=pretrained_backbone, trainable_layers=trainable_layers,
+                        levels=FCOS_LEVELS, top="p6p7")
+
+
+@register("fcos")
+def fcos(num_classes: int, backbone: str = "resnet50", pretrained_backbone: bool = False, fpn_channels: int = 256,
+         trainable_layers: int | None = None, **config) -> FCOS:
+    """FCOS with a ResNet-FPN (P3-P7); ``config`` overrides :class:`FCOSConfig` fields."""
+    settings, unknown = FCOSConfig.from_kwargs(config)
+    if unknown:
+        raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; settings are the fields of FCOSConfig")
+    return FCOS(build_fcos_backbone(backbone, pretrained_backbone, fpn_channels, trainable_layers), num_classes,
+                settings)
+
+
+# torchvision state-dict key prefixes -> minis ones (the rest of each key is unchanged)
+_KEY_MAP = (
+    ("backbone.fpn.inner_blocks.{i}.0.", "backbone.fpn.lateral.{i}."),
+    ("backbone.fpn.layer_blocks.{i}.0.", "backbone.fpn.smooth.{i}."),
+    ("backbone.fpn.extra_blocks.", "backbone.fpn."),
+    ("head.classification_head.conv.", "head.cls_tower."),
+    ("head.classification_head.cls_logits.", "head.cls_logits."),
+    ("head.regression_head.conv.", "head.box_tower."),
+    ("head.regression_head.bbox_reg.", "head.distances."),
+    ("head.regression_head.bbox_ctrness.", "head.centerness."),
+)
+
+
+def _config_from_torchvision(tv_model: nn.Module) -> FCOSConfig:
+    transform, generator = tv_model.transform, tv_model.anchor_generator
+    if getattr(transform, "fixed_size", None) is not None or getattr(transform, "_skip_resize", False):
+        raise ValueError("torchvision models with a fixed_size or _skip_resize transform have no minis port")
+    sizes = tuple(s for level in generator.sizes for s in level)
+    if sizes != (8, 16, 32, 64, 128) or any(tuple(r) != (1.0,) for r in generator.aspect_ratios):
+        raise ValueError(f"the port expects one square anchor per location of the size of its stride "
+                         f"(8, 16, 32, 64, 128), got sizes {sizes}")
+    head = tv_model.head
+    if any(isinstance(m, nn.Conv2d) and m.out_channels != m.in_channels for m in head.classification_head.conv):
+        raise ValueError("the port expects head towers that keep the channel count")
+    return FCOSConfig(
+        min_size=tuple(transform.min_size) if len(transform.min_size) > 1 else transform.min_size[0],
+        max_size=transform.max_size, image_mean=tuple(transform.image_mean), image_std=tuple(transform.image_std),
+        head_convs=sum(isinstance(m, nn.Conv2d) for m in head.classification_head.conv),
+        center_sampling_radius=tv_model.center_sampling_radius, score_thresh=tv_model.score_thresh,
+        nms_thresh=tv_model.nms_thresh, detections_per_img=tv_model.detections_per_img,
+        topk_candidates=tv_model.topk_candidates)
+
+
+@register_port("FCOS")
+def from_torchvision_fcos(tv_model: nn.Module) -> FCOS:
+    """torchvision's ``fcos_resnet50_fpn`` (any weights) as a minis :class:`FCOS`: same weights, settings, outputs."""
+    num_classes = tv_model.head.classification_head.num_classes
+    config = _config_from_torchvision(tv_model)
+    backbone = backbone_fpn_from_torchvision(tv_model.backbone, levels=FCOS_LEVELS, top="p6p7")
+    model = FCOS(backbone, num_classes, config)
+    model.load_state_dict({rename_keys(k, _KEY_MAP): v for k, v in tv_model.state_dict().items()}, strict=True)
+    model.build_args = {"name": "fcos", "num_classes": num_classes, "backbone": f"resnet{backbone.body.depth}",
+                        "fpn_channels": backbone.channels,
+                        **{k: v for k, v in asdict(config).items() if getattr(FCOSConfig, k, None) != v}}
+    return model.train(tv_model.training)
+
+
+def torchvision_twin(model: FCOS) -> nn.Module:
+    """The torchvision ``FCOS`` with this model's architecture, settings and weights (any minis backbone).
+
+    The inverse of :func:`from_torchvision_fcos`, so that the two implementations can be trained
+    side by side from the same start (``python -m minis bench fcos-training``).
+    """
+    from torchvision.models.detection import FCOS as TorchvisionFCOS
+    from torchvision.models.detection.fcos import FCOSHead as TorchvisionFCOSHead
+
+    cfg = model.config
+    if type(model) is not FCOS:
+        raise TypeError(f"{type(model).__name__} has no torchvision counterpart")
+    if cfg.level_bounds is not None or cfg.location_offset != 0.0:
+        raise ValueError("torchvision's FCOS has fixed level ranges (8 x stride) and locations at offset 0")
+    if tuple(model.backbone.strides) != (8, 16, 32, 64, 128):
+        raise ValueError(f"torchvision's FCOS expects levels of strides 8..128, got {model.backbone.strides}")
+    if (cfg.focal_alpha, cfg.focal_gamma) != (0.25, 2.0):
+        raise ValueError("torchvision's FCOS uses the focal loss with alpha 0.25 and gamma 2")
+    backbone = torchvision_backbone_with_fpn(model.backbone)
+    head = TorchvisionFCOSHead(backbone.out_channels, 1, model.num_classes, cfg.head_convs)
+    twin = TorchvisionFCOS(backbone, num_classes=model.num_classes, head=head, min_size=cfg.min_size,
+                           max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
+                           center_sampling_radius=cfg.center_sampling_radius, score_thresh=cfg.score_thresh,
+                           nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
+                           topk_candidates=cfg.topk_candidates)
+    inverse = {rename_keys(key, _KEY_MAP): key for key in twin.state_dict()}
+    state = model.state_dict()
+    missing = sorted(set(inverse) - set(state))
+    if missing:
+        raise RuntimeError(f"no minis weight for torchvision's {', '.join(inverse[k] for k in missing[:5])}")
+    twin.load_state_dict({inverse[key]: value for key, value in state.items()}, strict=True)
+    twin.task = model.task
+    return twin.train(model.training)
