@@ -255,6 +255,12 @@ def assign_locations(locations: Locations, boxes: torch.Tensor, radius: float, l
     return matched
 
 
+def first_object_index(targets: list[dict], image_index: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``image_index``, where its image's first object sits among all the batch's objects."""
+    counts = torch.tensor([0] + [len(t["boxes"]) for t in targets[:-1]], device=image_index.device)
+    return counts.cumsum(0)[image_index]
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +298,7 @@ class FCOS(nn.Module):
             return losses
         detections, kept = self.detect(outputs, locations, batch.image_sizes)
         self.add_branch_outputs(batch, features, outputs, locations, detections, kept)
-        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+        return self.postprocess(detections, batch.image_sizes, original_sizes)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -312,8 +318,7 @@ class FCOS(nn.Module):
         image_index, location_index = positive.nonzero(as_tuple=True)
         object_index = matched[image_index, location_index]
         gt_boxes = torch.cat([t["boxes"] for t in targets])
-        first_object = torch.tensor([0] + [len(t["boxes"]) for t in targets[:-1]], device=gt_boxes.device).cumsum(0)
-        flat_object = first_object[image_index] + object_index  # index into the whole batch's objects
+        flat_object = first_object_index(targets, image_index) + object_index  # among the whole batch's objects
         gt_labels = torch.cat([t["labels"] for t in targets])[flat_object]
 
         class_targets = torch.zeros_like(outputs.class_logits)
@@ -372,6 +377,11 @@ class FCOS(nn.Module):
     def add_branch_outputs(self, batch: ImageBatch, features: list[torch.Tensor], outputs: HeadOutputs,
                            locations: Locations, detections: list[dict], kept: list[torch.Tensor]) -> None:
         """Outputs of the branches a subclass adds, written into ``detections``. None here."""
+
+    def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
+                    original_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Boxes back to the original image's pixels."""
+        return self.transform.postprocess(detections, image_sizes, original_sizes)
 
 
 # The settings the book's chapters use on the 128-pixel shapes benchmark, for a 2-core CPU: the
