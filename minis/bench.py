@@ -81,7 +81,10 @@ PORT_COLUMNS = [("model", ""), ("input", ""), ("minis_ms", ".1f"), ("torchvision
 
 # torchvision detection models minis can port, and the rows of the detection-ops table with their
 # default sizes: those of Mask R-CNN R50-FPN on an 800 x 1088 batch (IoU thresholds in percent).
-RCNN_MODELS = ("maskrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn")
+RCNN_MODELS = ("maskrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn", "fcos_resnet50_fpn")
+# torchvision's FCOS loss names -> minis'
+FCOS_LOSS_NAMES = {"classification": "loss_classifier", "bbox_regression": "loss_box_giou",
+                   "bbox_ctrness": "loss_centerness"}
 _ROI = {"boxes": 512, "channels": 256, "height": 200, "width": 272, "stride": 4}  # FPN level P2
 OP_SIZES: dict[str, dict[str, int]] = {
     "box_iou": {"boxes": 1000},
@@ -370,8 +373,8 @@ def bench_ports(
 
 def torchvision_rcnn(name: str = "maskrcnn_resnet50_fpn", num_classes: int = 91, seed: int = 0,
                      **settings: Any) -> nn.Module:
-    """torchvision's ``maskrcnn_resnet50_fpn`` / ``fasterrcnn_resnet50_fpn`` as its COCO recipe builds it,
-    with random weights drawn from ``seed``.
+    """torchvision's ``maskrcnn_resnet50_fpn`` / ``fasterrcnn_resnet50_fpn`` / ``fcos_resnet50_fpn`` as
+    its COCO recipe builds it, with random weights drawn from ``seed``.
 
     The recipe starts from an ImageNet backbone, so torchvision's builder then uses
     ``FrozenBatchNorm2d`` and trains the last three ResNet stages only; built here without a
@@ -379,23 +382,34 @@ def torchvision_rcnn(name: str = "maskrcnn_resnet50_fpn", num_classes: int = 91,
     The frozen statistics get small random values (means in +-0.1, variances in 0.8..1.2), so
     that the port's normalisation is really used. ``settings`` are the detector's keyword
     arguments (``min_size``, ``max_size``, ...); the rest are torchvision's defaults.
+
+    FCOS's background column (label 0, never a positive in training) gets a bias of -20, as
+    training would leave it: with random weights it would otherwise yield detections of label
+    0, which minis never reports.
     """
     from torchvision.models import detection
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops import FrozenBatchNorm2d
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-    builders = {"maskrcnn_resnet50_fpn": detection.MaskRCNN, "fasterrcnn_resnet50_fpn": detection.FasterRCNN}
+    builders = {"maskrcnn_resnet50_fpn": detection.MaskRCNN, "fasterrcnn_resnet50_fpn": detection.FasterRCNN,
+                "fcos_resnet50_fpn": detection.FCOS}
     if name not in builders:
-        raise ValueError(f"no R-CNN port to benchmark for {name!r}; choose from {', '.join(RCNN_MODELS)}")
+        raise ValueError(f"no detection port to benchmark for {name!r}; choose from {', '.join(RCNN_MODELS)}")
     torch.manual_seed(seed)
+    layout = ({"returned_layers": [2, 3, 4], "extra_blocks": LastLevelP6P7(256, 256)}
+              if name == "fcos_resnet50_fpn" else {})
     backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
-                                   trainable_layers=3)
+                                   trainable_layers=3, **layout)
     model = builders[name](backbone, num_classes=num_classes, **settings)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, FrozenBatchNorm2d):
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.8, 1.2)
+        if name == "fcos_resnet50_fpn":
+            model.head.classification_head.cls_logits.weight[0] = 0.0
+            model.head.classification_head.cls_logits.bias[0] = -20.0
     return model
 
 
@@ -477,6 +491,7 @@ def _rcnn_train_row(name: str, ours: nn.Module, reference: nn.Module, image_size
         return {key: value.item() for key, value in losses.items()}
 
     expected, got = step(reference), step(ours)  # the comparison is also each model's warm-up call
+    expected = {FCOS_LOSS_NAMES.get(key, key): value for key, value in expected.items()}
     same_names = set(got) == set(expected)
     max_abs_diff = max(abs(got[key] - expected[key]) for key in expected) if same_names else None
     minis_ms, torchvision_ms = interleaved_median_ms([lambda: step(ours), lambda: step(reference)], runs, warmup)
@@ -504,7 +519,7 @@ def bench_rcnn(
     """Mask R-CNN on the CPU, minis against torchvision with the same weights, measured in one run.
 
     For each torchvision model in ``names`` (:data:`RCNN_MODELS`: ``maskrcnn_resnet50_fpn``,
-    ``fasterrcnn_resnet50_fpn``): build it with random weights (:func:`torchvision_rcnn`,
+    ``fasterrcnn_resnet50_fpn``, ``fcos_resnet50_fpn``): build it with random weights (:func:`torchvision_rcnn`,
     ``num_classes`` classes, torchvision's default settings but ``min_size``/``max_size``), port it
     with :func:`minis.models.from_torchvision` and measure two rows:
 
@@ -541,13 +556,17 @@ def bench_rcnn(
 
     unknown = [name for name in names if name not in RCNN_MODELS]
     if unknown:
-        raise ValueError(f"no R-CNN port to benchmark for {', '.join(unknown)}; choose from {', '.join(RCNN_MODELS)}")
+        raise ValueError(f"no detection port to benchmark for {', '.join(unknown)}; choose from "
+                         f"{', '.join(RCNN_MODELS)}")
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
     image_size = (int(image_size[0]), int(image_size[1]))
     rows = []
     for name in names:
-        reference = torchvision_rcnn(name, num_classes, seed, min_size=min_size, max_size=max_size)
+        # FCOS's random class scores (0.01 by its prior) sit below its 0.2 threshold; at 0.05 every
+        # location is a candidate, and the 1000-per-level top-k, NMS and 100 detections are timed
+        thresholds = {"score_thresh": 0.05} if name == "fcos_resnet50_fpn" else {}
+        reference = torchvision_rcnn(name, num_classes, seed, min_size=min_size, max_size=max_size, **thresholds)
         ours = minis.models.from_torchvision(reference)
         if progress:
             print(f"timing {name} inference at min_size {min_size} against torchvision", flush=True)
@@ -726,7 +745,8 @@ def _train_with_recipe(model: nn.Module, train_set: Any, val_set: Any, train_con
     return trainer, history, time.perf_counter() - started
 
 
-def bench_rcnn_training(
+def bench_twin_training(
+    name: str = "mask_rcnn",
     root: str = "data/shapes_semantic",
     *,
     model_kwargs: dict[str, Any] | None = None,
@@ -735,38 +755,51 @@ def bench_rcnn_training(
     device: str = "cpu",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train minis ``mask_rcnn`` and torchvision's ``MaskRCNN`` the same way; box and mask AP of each.
+    """Train a minis detector (``mask_rcnn``, ``faster_rcnn`` or ``fcos``) and its torchvision twin the same way.
 
     ``root`` holds a shapes benchmark; when it holds none, the chapters' plain variant
-    (:data:`SEMANTIC_SHAPES`) is generated there. The torchvision model is :func:`minis.models.rcnn.torchvision_twin` of the minis one: the same
-    backbone (by default the chapters' small one, :data:`minis.models.rcnn.SHAPES_SETTINGS`),
-    settings and initial weights. The minis Trainer trains both with the same data order,
-    optimizer, schedule and seed (``train_config`` overrides :data:`RCNN_TRAINING_CONFIG`), and
-    pycocotools scores both on the validation set. Equal APs show that the losses, matching and
-    sampling are right, not only inference. The runs draw the same random samples, so what
-    separates them is float rounding compounding over the steps.
+    (:data:`SEMANTIC_SHAPES`) is generated there. The torchvision model is the model file's
+    ``torchvision_twin`` of the minis one: the same backbone (by default the chapters' small
+    one, the model file's ``SHAPES_SETTINGS``), settings and initial weights. The minis Trainer
+    trains both with the same data order, optimizer, schedule and seed (``train_config``
+    overrides :data:`RCNN_TRAINING_CONFIG`), and pycocotools scores both on the validation set.
+    Equal APs show that the losses and the choice of training examples are right, not only
+    inference. The runs draw the same random samples, so what separates them is float rounding
+    compounding over the steps.
 
-    Returns one row per implementation: ``implementation``, ``box_AP``, ``mask_AP``,
-    ``mask_AP50``, ``final_loss`` (mean over the last epoch) and ``train_s``.
+    Returns one row per implementation: ``implementation``, ``box_AP``, ``mask_AP`` and
+    ``mask_AP50`` (``None`` for box-only models), ``final_loss`` (mean over the last epoch) and
+    ``train_s``.
     """
-    import minis.models
-    from minis.models.rcnn import SHAPES_SETTINGS, torchvision_twin
+    import importlib
 
+    import minis.models
+
+    modules = {"mask_rcnn": "rcnn", "faster_rcnn": "rcnn", "fcos": "fcos"}
+    if name not in modules:
+        raise ValueError(f"no torchvision twin to train for {name!r}; choose from {', '.join(modules)}")
+    module = importlib.import_module(f"minis.models.{modules[name]}")
     train_set, val_set = _shapes_instances(root, progress)
     torch.manual_seed(seed)
-    ours = minis.models.build("mask_rcnn", num_classes=train_set.num_classes,
-                              **(SHAPES_SETTINGS if model_kwargs is None else model_kwargs))
-    twin = torchvision_twin(ours)
+    ours = minis.models.build(name, num_classes=train_set.num_classes,
+                              **(module.SHAPES_SETTINGS if model_kwargs is None else model_kwargs))
+    twin = module.torchvision_twin(ours)
     rows = []
-    for name, model in (("minis", ours), ("torchvision", twin)):
+    for implementation, model in (("minis", ours), ("torchvision", twin)):
         if progress:
-            print(f"training the {name} Mask R-CNN", flush=True)
+            print(f"training the {implementation} {name}", flush=True)
         trainer, history, seconds = _train_with_recipe(model, train_set, val_set, train_config, seed, device,
                                                        progress)
         metrics = trainer.evaluate()
-        rows.append({"implementation": name, "box_AP": metrics["bbox"]["AP"], "mask_AP": metrics["segm"]["AP"],
-                     "mask_AP50": metrics["segm"]["AP50"], "final_loss": history[-1]["loss"], "train_s": seconds})
+        segm = metrics.get("segm", {})
+        rows.append({"implementation": implementation, "box_AP": metrics["bbox"]["AP"], "mask_AP": segm.get("AP"),
+                     "mask_AP50": segm.get("AP50"), "final_loss": history[-1]["loss"], "train_s": seconds})
     return rows
+
+
+def bench_rcnn_training(root: str = "data/shapes_semantic", **options: Any) -> list[dict[str, Any]]:
+    """:func:`bench_twin_training` of ``mask_rcnn``: minis and torchvision's Mask R-CNN trained alike."""
+    return bench_twin_training("mask_rcnn", root, **options)
 
 
 MASK_SCORING_COLUMNS = [("seed", "d"), ("model", ""), ("ranking", ""), ("box_AP", ".4f"), ("mask_AP", ".4f"),
@@ -825,6 +858,123 @@ def mask_scoring_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"model": model, "ranking": ranking, "seeds": len(values), "mask_AP_mean": statistics.mean(values),
              "mask_AP_std": statistics.stdev(values) if len(values) > 1 else None}
             for (model, ranking), values in groups.items()]
+
+
+CONDINST_COLUMNS = [("model", ""), ("step", ""), ("input", ""), ("ms", ".0f"), ("vs_fcos", ".2f"),
+                    ("vs_mask_rcnn", ".2f")]
+INSTANCE_COLUMNS = [("instances", "d"), ("condinst_ms", ".0f"), ("condinst_vs_1", ".2f"), ("mask_rcnn_ms", ".0f"),
+                    ("mask_rcnn_vs_1", ".2f")]
+
+
+def _one_stage_and_two_stage(num_classes: int, seed: int, min_size: int, max_size: int) -> dict[str, nn.Module]:
+    """minis ``fcos``, ``condinst`` and ``mask_rcnn`` on one ResNet-50 body (same random weights), in eval mode.
+
+    Every score threshold is 0, so that the number of detections is set by ``detections_per_img``
+    (``box_detections_per_img`` for Mask R-CNN) alone.
+    """
+    import minis.models
+
+    torch.manual_seed(seed)
+    sizes = {"min_size": min_size, "max_size": max_size}
+    models = {"fcos": minis.models.build("fcos", num_classes, **sizes, score_thresh=0.0),
+              "condinst": minis.models.build("condinst", num_classes, **sizes, score_thresh=0.0),
+              "mask_rcnn": minis.models.build("mask_rcnn", num_classes, **sizes, box_score_thresh=0.0)}
+    body = models["mask_rcnn"].backbone.body.state_dict()
+    for model in models.values():
+        model.backbone.body.load_state_dict(body)
+    return models
+
+
+def _set_detections(model: nn.Module, count: int) -> None:
+    if hasattr(model.config, "box_detections_per_img"):
+        model.config.box_detections_per_img = count
+    else:
+        model.config.detections_per_img = count
+
+
+def bench_condinst(
+    *,
+    image_size: tuple[int, int] = (480, 640),
+    min_size: int = 512,
+    max_size: int = 853,
+    instances: Sequence[int] = (1, 10, 25, 50),
+    detections: int = 50,
+    runs: int = 3,
+    num_classes: int = 81,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
+    """CondInst's CPU cost against FCOS alone and against Mask R-CNN, and as the instances grow, in one run.
+
+    The three minis models share a ResNet-50 body with the same random weights and resize a
+    random ``image_size`` image to ``min_size``. Two tables:
+
+    - ``models``: inference with ``detections`` instances per image (every score threshold 0,
+      so the count is exact), and a training step (forward and backward) on two images with four
+      random objects each; ``vs_fcos`` and ``vs_mask_rcnn`` divide each time by those models';
+    - ``instances``: CondInst and Mask R-CNN inference with each count of ``instances``
+      detections, and each time divided by the one with the fewest. CondInst runs its tiny
+      dynamic heads on one shared map, Mask R-CNN its mask head on one RoI per instance, and
+      both paste or upsample one mask per instance to the image.
+
+    The calls alternate (:func:`interleaved_median_ms`); medians of ``runs`` rounds.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    models = _one_stage_and_two_stage(num_classes, seed, min_size, max_size)
+    image_size = (int(image_size[0]), int(image_size[1]))
+    image = [torch.rand(3, *image_size, generator=torch.Generator().manual_seed(seed))]
+    resized = models["fcos"].transform(image)[0].image_sizes[0]
+
+    def infer(model: nn.Module, count: int) -> Callable[[], Any]:
+        def call() -> Any:
+            _set_detections(model, count)
+            with torch.no_grad():
+                return model(image)
+        return call
+
+    if progress:
+        print(f"timing inference with {detections} detections at min_size {min_size}", flush=True)
+    names = list(models)
+    for model in models.values():
+        model.eval()
+    inference = dict(zip(names, interleaved_median_ms([infer(models[n], detections) for n in names], runs)))
+    generator = torch.Generator().manual_seed(seed + 1)
+    images = [torch.rand(3, *image_size, generator=generator) for _ in range(2)]
+    targets = _random_targets(2, image_size, num_classes, 4, generator, with_masks=True)
+
+    def train_step(model: nn.Module) -> Callable[[], Any]:
+        def call() -> Any:
+            model.zero_grad(set_to_none=True)
+            losses = model(images, [dict(target) for target in targets])
+            sum(losses.values()).backward()
+        return call
+
+    if progress:
+        print("timing a training step", flush=True)
+    for model in models.values():
+        model.train()
+    training = dict(zip(names, interleaved_median_ms([train_step(models[n]) for n in names], runs)))
+    rows = []
+    for step, times, batch in (("inference", inference, 1), ("train step", training, 2)):
+        for name in names:
+            rows.append({"model": name, "step": step, "input": _shape_text(batch, image_size, resized),
+                         "ms": times[name], "vs_fcos": times[name] / times["fcos"],
+                         "vs_mask_rcnn": times[name] / times["mask_rcnn"]})
+
+    if progress:
+        print(f"timing inference with {', '.join(map(str, instances))} detections", flush=True)
+    for model in models.values():
+        model.eval()
+    counts = sorted(instances)
+    calls = [infer(models[name], count) for count in counts for name in ("condinst", "mask_rcnn")]
+    times = interleaved_median_ms(calls, runs)
+    scaling = []
+    for index, count in enumerate(counts):
+        condinst_ms, mask_rcnn_ms = times[2 * index], times[2 * index + 1]
+        scaling.append({"instances": count, "condinst_ms": condinst_ms, "condinst_vs_1": condinst_ms / times[0],
+                        "mask_rcnn_ms": mask_rcnn_ms, "mask_rcnn_vs_1": mask_rcnn_ms / times[1]})
+    return {"models": rows, "instances": scaling}
 
 
 # --------------------------------------------------------------------------------------------

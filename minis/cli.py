@@ -12,6 +12,8 @@
     python -m minis bench rcnn                                  # Mask R-CNN and minis.ops vs torchvision
     python -m minis bench rcnn-training                         # minis and torchvision Mask R-CNN trained alike
     python -m minis bench ms-rcnn --seeds 0 1 2                 # Mask R-CNN against Mask Scoring R-CNN, same recipe
+    python -m minis bench fcos-training                         # minis and torchvision FCOS trained alike
+    python -m minis bench condinst                              # CondInst vs FCOS vs Mask R-CNN; cost per instance
 
 ``train`` also runs under ``torchrun --nproc_per_node N -m minis train ...`` (one process per
 GPU, or N CPU processes). Mistakes in a command (unknown model, missing data or checkpoint) are
@@ -355,18 +357,43 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench_rcnn_training(args: argparse.Namespace) -> int:
+    return _bench_twin_training(args, "mask_rcnn", "Mask R-CNN", "mask_AP")
+
+
+def cmd_bench_fcos_training(args: argparse.Namespace) -> int:
+    return _bench_twin_training(args, "fcos", "FCOS", "box_AP")
+
+
+def _bench_twin_training(args: argparse.Namespace, name: str, title: str, metric: str) -> int:
     from minis import bench
 
     try:
-        rows = bench.bench_rcnn_training(args.root, train_config=_recipe_overrides(args), seed=args.seed,
+        rows = bench.bench_twin_training(name, args.root, train_config=_recipe_overrides(args), seed=args.seed,
                                          device=args.device)
     except (ValueError, FileExistsError) as error:
         raise UserError(str(error)) from error
-    print(f"\nMask R-CNN trained by the minis Trainer on {args.root}, minis against torchvision (same start, same recipe):")
+    print(f"\n{title} trained by the minis Trainer on {args.root}, minis against torchvision (same start, same recipe):")
     print(bench.format_table(rows, bench.RCNN_TRAINING_COLUMNS))
-    gap = abs(rows[0]["mask_AP"] - rows[1]["mask_AP"])
-    print(f"mask AP gap: {gap:.4f}")
-    return _finish_bench({"rows": rows, "mask_AP_gap": gap}, args.json)
+    gap = abs(rows[0][metric] - rows[1][metric])
+    label = metric.replace("_AP", " AP")
+    print(f"{label} gap: {gap:.4f}")
+    return _finish_bench({"rows": rows, f"{metric}_gap": gap}, args.json)
+
+
+def cmd_bench_condinst(args: argparse.Namespace) -> int:
+    from minis import bench
+
+    if args.runs < 1:
+        raise UserError(f"--runs must be at least 1, got {args.runs}")
+    if min(args.instances) < 1:
+        raise UserError(f"--instances must be at least 1, got {min(args.instances)}")
+    rows = bench.bench_condinst(image_size=tuple(args.image_size), min_size=args.min_size, max_size=args.max_size,
+                                instances=args.instances, detections=args.detections, runs=args.runs)
+    print("\nminis CondInst, FCOS and Mask R-CNN (ResNet-50-FPN, same backbone weights) on the CPU:")
+    print(bench.format_table(rows["models"], bench.CONDINST_COLUMNS))
+    print("\ninference time as the number of detections grows (each divided by its time with the fewest):")
+    print(bench.format_table(rows["instances"], bench.INSTANCE_COLUMNS))
+    return _finish_bench(rows, args.json)
 
 
 def cmd_bench_ms_rcnn(args: argparse.Namespace) -> int:
@@ -460,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=cmd_predict)
 
     bench = commands.add_parser("bench", help="compare models: size, speed and accuracy in one table")
-    suites = bench.add_subparsers(dest="suite", required=True, metavar="{semantic,rcnn,rcnn-training,ms-rcnn}")
+    suites = bench.add_subparsers(dest="suite", required=True,
+                                  metavar="{semantic,rcnn,rcnn-training,ms-rcnn,fcos-training,condinst}")
     semantic = suites.add_parser("semantic", help="train every semantic model on shapes; minis vs torchvision speed")
     semantic.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
     semantic.add_argument("--models", nargs="+", metavar="MODEL", help="default: all of minis.bench.SEMANTIC_MODELS")
@@ -479,9 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     semantic.add_argument("--port-runs", type=int, default=7, help="timed forward passes per port (median)")
     semantic.add_argument("--json", metavar="OUT", help="also write every row to this JSON file")
     semantic.set_defaults(handler=cmd_bench_semantic)
-    rcnn = suites.add_parser("rcnn", help="Mask R-CNN and minis.ops against torchvision: speed and agreement")
+    rcnn = suites.add_parser("rcnn", help="Mask R-CNN (or FCOS) and minis.ops against torchvision: speed and agreement")
     rcnn.add_argument("--models", nargs="+", default=["maskrcnn_resnet50_fpn"], metavar="TV_MODEL",
-                      help="maskrcnn_resnet50_fpn and/or fasterrcnn_resnet50_fpn (default: the first)")
+                      help="maskrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn, fcos_resnet50_fpn (default: the first)")
     rcnn.add_argument("--runs", type=int, default=4, help="timed rounds per model and step (median; the order flips each round, so even is fairer; default 4)")
     rcnn.add_argument("--min-size", type=int, default=800, help="short side the models resize to (default 800)")
     rcnn.add_argument("--max-size", type=int, default=1333, help="long side at most (default 1333)")
@@ -501,12 +529,25 @@ def build_parser() -> argparse.ArgumentParser:
     scoring = suites.add_parser("ms-rcnn", help="train Mask R-CNN and Mask Scoring R-CNN alike; mask AP of each")
     scoring.add_argument("--seeds", type=int, nargs="+", default=[0], help="one pair of runs per seed (default: 0)")
     scoring.set_defaults(handler=cmd_bench_ms_rcnn)
-    for suite in (training, scoring):  # both train R-CNNs on shapes with the chapters' recipe
+    fcos_training = suites.add_parser("fcos-training", help="train minis' and torchvision's FCOS alike; box AP of each")
+    fcos_training.add_argument("--seed", type=int, default=0)
+    fcos_training.set_defaults(handler=cmd_bench_fcos_training)
+    for suite in (training, scoring, fcos_training):  # all train detectors on shapes with the chapters' recipe
         suite.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
         suite.add_argument("--epochs", type=int, help="default: minis.bench.RCNN_TRAINING_CONFIG (the chapters')")
         suite.add_argument("--lr", type=float)
         suite.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
         suite.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
+    condinst = suites.add_parser("condinst", help="CondInst against FCOS and Mask R-CNN on the CPU; cost per instance")
+    condinst.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
+    condinst.add_argument("--min-size", type=int, default=512, help="short side the models resize to (default 512)")
+    condinst.add_argument("--max-size", type=int, default=853)
+    condinst.add_argument("--instances", type=int, nargs="+", default=[1, 10, 25, 50],
+                          help="detection counts to time inference with (default 1 10 25 50)")
+    condinst.add_argument("--detections", type=int, default=50, help="detections in the model table (default 50)")
+    condinst.add_argument("--runs", type=int, default=3, help="timed rounds (median; default 3)")
+    condinst.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
+    condinst.set_defaults(handler=cmd_bench_condinst)
     return parser
 
 

@@ -195,7 +195,7 @@ def test_ops_rows_agree_with_torchvision(one_thread):
 
 
 def test_rcnn_and_ops_refuse_what_they_cannot_time():
-    with pytest.raises(ValueError, match="no R-CNN port to benchmark for retinanet_resnet50_fpn"):
+    with pytest.raises(ValueError, match="no detection port to benchmark for retinanet_resnet50_fpn"):
         bench.bench_rcnn(["retinanet_resnet50_fpn"], progress=False)
     with pytest.raises(ValueError, match="runs must be at least 1"):
         bench.bench_rcnn(runs=0, progress=False)
@@ -234,7 +234,7 @@ def test_rcnn_command_prints_both_tables_and_writes_json(tmp_path, capsys, one_t
     (["--ops", "roi_align"], "unknown op 'roi_align'; choose from box_iou, "),
     (["--runs", "0"], "--runs must be at least 1"),
     (["--op-runs", "0", "--ops-only"], "--op-runs must be at least 1"),
-    (["--models", "retinanet_resnet50_fpn", "--no-ops"], "no R-CNN port to benchmark for retinanet_resnet50_fpn"),
+    (["--models", "retinanet_resnet50_fpn", "--no-ops"], "no detection port to benchmark for retinanet_resnet50_fpn"),
 ])
 def test_rcnn_command_reports_mistakes_in_one_line(capsys, argv, message):
     assert main(["bench", "rcnn", *argv]) == 2
@@ -273,3 +273,47 @@ def test_mask_scoring_bench_trains_both_models_and_scores_ms_rcnn_both_ways(tmp_
     assert [(m["model"], m["ranking"], m["seeds"]) for m in means] == [
         ("mask_rcnn", "class score", 2), ("ms_rcnn", "class score", 2), ("ms_rcnn", "class x MaskIoU", 2)]
     assert means[0]["mask_AP_mean"] == pytest.approx((rows[0]["mask_AP"] + rows[3]["mask_AP"]) / 2)
+
+
+def test_fcos_training_trains_minis_and_torchvision_alike(tmp_path, one_thread):
+    from minis.data import make_shapes
+
+    root = tmp_path / "shapes"
+    make_shapes(root, num_train=16, num_val=4, image_size=96, progress=False, **bench.SEMANTIC_SHAPES)
+    rows = bench.bench_twin_training("fcos", str(root), train_config={"epochs": 1, "batch_size": 4,
+                                                                      "warmup_iters": 2}, progress=False)
+    assert [row["implementation"] for row in rows] == ["minis", "torchvision"]
+    for row in rows:
+        assert 0 <= row["box_AP"] <= 1 and row["mask_AP"] is None and row["train_s"] > 0
+    assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-3)
+    assert abs(rows[0]["box_AP"] - rows[1]["box_AP"]) <= 0.02
+    with pytest.raises(ValueError, match="no torchvision twin to train for 'condinst'"):
+        bench.bench_twin_training("condinst", str(root), progress=False)
+
+
+def test_fcos_port_is_timed_against_torchvision_with_the_same_detections_and_losses(one_thread):
+    rows = bench.bench_rcnn(["fcos_resnet50_fpn"], image_size=(96, 128), min_size=64, max_size=96, runs=1,
+                            progress=False)
+    inference, training = rows
+    assert inference["outputs"] == "100 detections, same labels" and inference["max_abs_diff"] <= 1e-4
+    assert training["outputs"] == "3 losses" and training["max_abs_diff"] <= 1e-4
+    assert set(training["minis_losses"]) == {"loss_classifier", "loss_box_giou", "loss_centerness"}
+
+
+def test_condinst_bench_times_three_models_and_the_growth_with_instances(capsys, tmp_path, one_thread):
+    out = tmp_path / "condinst.json"
+    argv = ["bench", "condinst", "--image-size", "96", "128", "--min-size", "64", "--max-size", "96", "--runs", "1",
+            "--instances", "1", "4", "--detections", "4", "--json", str(out)]
+    assert main(argv) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["model", "step", "input", "ms", "vs_fcos", "vs_mask_rcnn"] in lines
+    written = json.loads(out.read_text())
+    assert [(row["model"], row["step"]) for row in written["models"]] == [
+        (model, step) for step in ("inference", "train step") for model in ("fcos", "condinst", "mask_rcnn")]
+    for row in written["models"]:
+        assert row["ms"] > 0
+        assert row["vs_fcos"] == pytest.approx(row["ms"] / next(r["ms"] for r in written["models"]
+                                                                 if r["model"] == "fcos" and r["step"] == row["step"]))
+    assert [row["instances"] for row in written["instances"]] == [1, 4]
+    assert written["instances"][0]["condinst_vs_1"] == 1.0 and written["instances"][0]["mask_rcnn_vs_1"] == 1.0
+    assert main(["bench", "condinst", "--instances", "0"]) == 2

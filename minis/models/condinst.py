@@ -284,7 +284,7 @@ def pad_to(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # The book's settings on the 128-pixel shapes benchmark for a 2-core CPU (see fcos.SHAPES_SETTINGS),
 # with a lighter mask branch (64 channels, two convolutions).
 SHAPES_SETTINGS: dict = {"backbone": "small", "fpn_channels": 64, "min_size": 128, "max_size": 256, "head_convs": 2,
-                         "mask_branch_channels": 64, "mask_branch_convs": 2}
+                         "score_thresh": 0.05, "mask_branch_channels": 64, "mask_branch_convs": 2}
 
 
 @register("condinst")
