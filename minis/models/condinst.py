@@ -230,7 +230,7 @@ class CondInst(FCOS):
 
     def semantic_loss(self, hidden: torch.Tensor, gt_masks: list[torch.Tensor], targets: list[dict]) -> torch.Tensor:
         """Focal loss of every pixel's class at stride 8 (the smallest object covering it wins)."""
-        logits = self.semantic_logits(hidden)  # [B,K-1,h,w]
+        logits = self.semantic_logits(hidden).float()  # [B,K-1,h,w]; float32: the sum would overflow float16
         stride = self.backbone.strides[0]
         classes = []
         for masks, target in zip(gt_masks, targets):
@@ -259,7 +259,7 @@ class CondInst(FCOS):
         params = self.controller_params(outputs)[image_index, location_index]
         logits = self.mask_logits(mask_features, image_index, locations.points[location_index],
                                   locations.strides[location_index], params, padded_size)
-        probabilities = upsample_aligned(logits.sigmoid(), self.config.mask_out_stride)
+        probabilities = upsample_aligned(logits.float().sigmoid(), self.config.mask_out_stride)
         for detection, masks, (height, width) in zip(detections, probabilities.split([len(k) for k in kept]),
                                                      batch.image_sizes):
             detection["masks"] = masks[..., :height, :width]

@@ -321,10 +321,10 @@ class FCOS(nn.Module):
         flat_object = first_object_index(targets, image_index) + object_index  # among the whole batch's objects
         gt_labels = torch.cat([t["labels"] for t in targets])[flat_object]
 
-        class_targets = torch.zeros_like(outputs.class_logits)
+        class_logits = outputs.class_logits.float()  # float32: a sum over every location overflows float16
+        class_targets = torch.zeros_like(class_logits)
         class_targets[image_index, location_index, gt_labels] = 1.0
-        loss_cls = sigmoid_focal_loss(outputs.class_logits, class_targets, cfg.focal_alpha, cfg.focal_gamma,
-                                      reduction="sum")
+        loss_cls = sigmoid_focal_loss(class_logits, class_targets, cfg.focal_alpha, cfg.focal_gamma, reduction="sum")
         points, strides = locations.points[location_index], locations.strides[location_index]
         boxes = decode_distances(outputs.distances[image_index, location_index], points, strides)
         loss_box = giou_loss(boxes, gt_boxes[flat_object], reduction="sum")

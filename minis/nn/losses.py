@@ -69,9 +69,10 @@ def dice_loss(probabilities: torch.Tensor, targets: torch.Tensor, eps: float = 1
     """``1 - dice`` per mask: ``[N,...]`` probabilities and 0/1 targets -> ``[N]``.
 
     Squares in the denominator (the V-Net form): the gradient then pushes every pixel's
-    probability towards its target, not only the ones inside the target.
+    probability towards its target, not only the ones inside the target. Computed in float32:
+    under mixed precision a sum over a large mask passes float16's maximum (65504).
     """
-    probabilities, targets = probabilities.flatten(1), targets.flatten(1).to(probabilities.dtype)
+    probabilities, targets = probabilities.flatten(1).float(), targets.flatten(1).float()
     overlap = (probabilities * targets).sum(1)
     total = (probabilities ** 2).sum(1) + (targets ** 2).sum(1) + eps
     return 1 - 2 * overlap / total
