@@ -84,6 +84,14 @@ def test_condinst_keeps_the_instance_contract() -> None:
         assert ((detection["labels"] >= 1) & (detection["labels"] < 4)).all()
 
 
+def test_no_detection_gives_no_mask() -> None:
+    torch.manual_seed(0)
+    model = minis.models.build("condinst", num_classes=3, **SMALL, score_thresh=1.0).eval()  # nothing passes
+    with torch.no_grad():
+        detection = model([torch.rand(3, 80, 90)])[0]
+    assert len(detection["boxes"]) == 0 and detection["masks"].shape == (0, 1, 80, 90)
+
+
 def test_a_batch_without_objects_still_trains() -> None:
     torch.manual_seed(0)
     model = minis.models.build("condinst", num_classes=3, **SMALL).train()

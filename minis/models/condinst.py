@@ -100,6 +100,8 @@ def run_dynamic_heads(inputs: torch.Tensor, params: torch.Tensor, shapes: list[t
     uses only instance ``n``'s weights. One call per layer, whatever the number of instances.
     """
     count, _, height, width = inputs.shape
+    if count == 0:  # no instance (an image without detections): no mask, and no zero-group convolution
+        return inputs.new_zeros(0, 1, height, width) + params.sum() * 0
     x = inputs.reshape(1, -1, height, width)
     layers = split_dynamic_params(params, shapes)
     for index, (weight, bias) in enumerate(layers):
