@@ -13,7 +13,7 @@ import minis.models
 from minis.models.fcos import (FCOS, FCOSConfig, Locations, assign_locations, centerness_target, level_ranges,
                                make_locations, torchvision_twin)
 from minis.nn.fpn import FPN
-from minis.nn.losses import dice_loss, giou_loss, sigmoid_focal_loss
+from minis.nn.losses import dice_loss, giou_loss, iou_loss, sigmoid_focal_loss
 from test_rcnn import random_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -74,6 +74,20 @@ def test_giou_loss_equals_torchvision_and_keeps_a_gradient_without_overlap() -> 
     loss.sum().backward()
     assert apart.grad[0, 2] < 0  # moving the right side towards the target lowers the loss
     torch.testing.assert_close(giou_loss(targets, targets), torch.zeros(40), atol=1e-6, rtol=0)
+
+
+def test_iou_loss_is_minus_log_iou() -> None:
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
+    targets = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0], [20.0, 0.0, 30.0, 10.0]])
+    loss = iou_loss(boxes, targets)
+    torch.testing.assert_close(loss[:2], torch.tensor([0.0, -torch.log(torch.tensor(1 / 3))]), atol=1e-5, rtol=0)
+    assert loss[2] > 10  # no overlap: the floor, -ln(eps)
+    model = minis.models.build("fcos", num_classes=3, **SMALL, box_loss="iou").train()
+    losses = model([torch.rand(3, 96, 96)], [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]),
+                                              "labels": torch.tensor([1])}])
+    assert set(losses) == {"loss_classifier", "loss_box_iou", "loss_centerness"}
+    with pytest.raises(ValueError, match="box_loss must be one of giou, iou"):
+        minis.models.build("fcos", num_classes=3, **SMALL, box_loss="l1")
 
 
 def test_dice_loss_values() -> None:

@@ -49,10 +49,11 @@ from minis.models.porting import (backbone_fpn_from_torchvision, register_port, 
                                   torchvision_backbone_with_fpn)
 from minis.nn.detection import DetectionTransform, ImageBatch, check_targets
 from minis.nn.fpn import BackboneFPN, backbone_fpn
-from minis.nn.losses import giou_loss, sigmoid_focal_loss
+from minis.nn.losses import giou_loss, iou_loss, sigmoid_focal_loss
 from minis.ops import clip_boxes_to_image
 
 FCOS_LEVELS = ("c3", "c4", "c5")  # FPN inputs; P6 and P7 are convolutions of P5
+BOX_LOSSES = {"giou": giou_loss, "iou": iou_loss}
 
 
 @dataclass
@@ -73,6 +74,7 @@ class FCOSConfig:
     location_offset: float = 0.0  # where a location sits in its cell, in strides (0.5: the cell's centre)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    box_loss: str = "giou"  # or "iou": -ln(IoU), the FCOS paper's (torchvision's FCOS uses GIoU)
     # inference
     score_thresh: float = 0.2
     nms_thresh: float = 0.6
@@ -277,6 +279,8 @@ class FCOS(nn.Module):
     def __init__(self, backbone: BackboneFPN, num_classes: int, config: FCOSConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or FCOSConfig()
+        if config.box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be one of {', '.join(BOX_LOSSES)}, got {config.box_loss!r}")
         self.num_classes = num_classes
         self.transform = DetectionTransform(config.min_size, config.max_size, config.image_mean, config.image_std)
         self.backbone = backbone
@@ -327,11 +331,11 @@ class FCOS(nn.Module):
         loss_cls = sigmoid_focal_loss(class_logits, class_targets, cfg.focal_alpha, cfg.focal_gamma, reduction="sum")
         points, strides = locations.points[location_index], locations.strides[location_index]
         boxes = decode_distances(outputs.distances[image_index, location_index], points, strides)
-        loss_box = giou_loss(boxes, gt_boxes[flat_object], reduction="sum")
+        loss_box = BOX_LOSSES[cfg.box_loss](boxes, gt_boxes[flat_object], reduction="sum")
         true_distances = distances_to_boxes(points, gt_boxes[flat_object])  # [P,4]
         loss_centerness = F.binary_cross_entropy_with_logits(
             outputs.centerness[image_index, location_index], centerness_target(true_distances), reduction="sum")
-        return {"loss_classifier": loss_cls / num_positive, "loss_box_giou": loss_box / num_positive,
+        return {"loss_classifier": loss_cls / num_positive, f"loss_box_{cfg.box_loss}": loss_box / num_positive,
                 "loss_centerness": loss_centerness / num_positive}
 
     def branch_losses(self, batch: ImageBatch, features: list[torch.Tensor], outputs: HeadOutputs,
@@ -478,8 +482,8 @@ def torchvision_twin(model: FCOS) -> nn.Module:
         raise ValueError("torchvision's FCOS has fixed level ranges (8 x stride) and locations at offset 0")
     if tuple(model.backbone.strides) != (8, 16, 32, 64, 128):
         raise ValueError(f"torchvision's FCOS expects levels of strides 8..128, got {model.backbone.strides}")
-    if (cfg.focal_alpha, cfg.focal_gamma) != (0.25, 2.0):
-        raise ValueError("torchvision's FCOS uses the focal loss with alpha 0.25 and gamma 2")
+    if (cfg.focal_alpha, cfg.focal_gamma, cfg.box_loss) != (0.25, 2.0, "giou"):
+        raise ValueError("torchvision's FCOS uses the focal loss with alpha 0.25 and gamma 2, and the GIoU loss")
     backbone = torchvision_backbone_with_fpn(model.backbone)
     head = TorchvisionFCOSHead(backbone.out_channels, 1, model.num_classes, cfg.head_convs)
     twin = TorchvisionFCOS(backbone, num_classes=model.num_classes, head=head, min_size=cfg.min_size,

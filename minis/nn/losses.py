@@ -5,6 +5,8 @@
   Plain cross-entropy is then dominated by the many easy background locations. The focal loss
   multiplies each term by ``(1 - p_t)^gamma``, where ``p_t`` is the probability given to the
   right answer, so that well-classified examples fade out, and weighs positives by ``alpha``.
+* **IoU loss** (Yu et al., ACM MM 2016, UnitBox; the FCOS paper's box loss): ``-ln(IoU)``
+  between a predicted box and its target.
 * **GIoU loss** (Rezatofighi et al., CVPR 2019): ``1 - GIoU`` between a predicted box and its
   target. IoU itself is the measure a detector is judged by and does not depend on the box's
   scale; the "generalised" term ``(enclosing area - union) / enclosing area`` keeps a gradient
@@ -13,7 +15,7 @@
   per mask. It compares whole masks, so a small object counts as much as a large one, and it
   needs no weighting of foreground against background pixels.
 
-The first two compute the same numbers as ``torchvision.ops.sigmoid_focal_loss`` and
+The focal and GIoU losses compute the same numbers as ``torchvision.ops.sigmoid_focal_loss`` and
 ``torchvision.ops.generalized_box_iou_loss`` (tests/test_losses.py).
 """
 
@@ -50,16 +52,33 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     return _reduce(loss, reduction)
 
 
-def giou_loss(boxes: torch.Tensor, target_boxes: torch.Tensor, reduction: str = "none",
-              eps: float = 1e-7) -> torch.Tensor:
-    """``1 - GIoU`` of each box with the target in the same row: ``[..., 4]`` xyxy pairs -> ``[...]``."""
+def _paired_iou(boxes: torch.Tensor, target_boxes: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU and union of each box with the target in the same row (``[..., 4]`` xyxy pairs)."""
     x1, y1, x2, y2 = boxes.unbind(-1)
     tx1, ty1, tx2, ty2 = target_boxes.unbind(-1)
     overlap_w = (torch.min(x2, tx2) - torch.max(x1, tx1)).clamp(min=0)
     overlap_h = (torch.min(y2, ty2) - torch.max(y1, ty1)).clamp(min=0)
     intersection = overlap_w * overlap_h
     union = (x2 - x1) * (y2 - y1) + (tx2 - tx1) * (ty2 - ty1) - intersection
-    iou = intersection / (union + eps)
+    return intersection / (union + eps), union
+
+
+def iou_loss(boxes: torch.Tensor, target_boxes: torch.Tensor, reduction: str = "none",
+             eps: float = 1e-7) -> torch.Tensor:
+    """``-ln(IoU)`` of each box with the target in the same row: ``[..., 4]`` xyxy pairs -> ``[...]``.
+
+    Boxes that do not overlap get ``-ln(eps)`` and no gradient: that is what GIoU adds.
+    """
+    iou, _ = _paired_iou(boxes, target_boxes, eps)
+    return _reduce(-torch.log(iou.clamp(min=eps)), reduction)
+
+
+def giou_loss(boxes: torch.Tensor, target_boxes: torch.Tensor, reduction: str = "none",
+              eps: float = 1e-7) -> torch.Tensor:
+    """``1 - GIoU`` of each box with the target in the same row: ``[..., 4]`` xyxy pairs -> ``[...]``."""
+    iou, union = _paired_iou(boxes, target_boxes, eps)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    tx1, ty1, tx2, ty2 = target_boxes.unbind(-1)
     enclosing = (torch.max(x2, tx2) - torch.min(x1, tx1)) * (torch.max(y2, ty2) - torch.min(y1, ty1))
     giou = iou - (enclosing - union) / (enclosing + eps)
     return _reduce(1 - giou, reduction)
