@@ -117,8 +117,9 @@ def upsample_aligned(x: torch.Tensor, factor: int) -> torch.Tensor:
     A pixel of a stride-``s`` map covers ``[s*i, s*(i+1))`` and stands for its centre
     ``s*(i+0.5)``, like the locations (``location_offset=0.5``) and the ground truth at stride 4
     (4x4 averages). ``align_corners=False`` keeps exactly that convention; ``align_corners=True``
-    would pin the corner pixels' centres to each other and shift the whole mask towards the
-    top-left by up to half an input pixel, a bias the dice loss would then have to fight.
+    would pin the corner pixels' centres to each other and stretch the map about its centre,
+    moving content near the borders by up to a quarter of an input pixel (2 image pixels from
+    stride 8 to 4): a position-dependent error the dice loss would then have to fight.
     """
     if factor == 1:
         return x
