@@ -14,7 +14,7 @@ from minis.models.fcos import (FCOS, FCOSConfig, Locations, assign_locations, ce
                                make_locations, torchvision_twin)
 from minis.nn.fpn import FPN
 from minis.nn.losses import dice_loss, giou_loss, iou_loss, sigmoid_focal_loss
-from test_rcnn import random_targets
+from test_rcnn import assert_same_detections, assert_same_weights, random_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -172,14 +172,6 @@ def torchvision_fcos(seed: int, **settings) -> torch.nn.Module:
     return model
 
 
-def assert_same_detections(got: list[dict], expected: list[dict]) -> None:
-    for g, e in zip(got, expected):
-        assert len(e["boxes"]) > 0  # the comparison means something
-        assert torch.equal(g["labels"], e["labels"])
-        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=0, atol=1e-4)
-        torch.testing.assert_close(g["scores"], e["scores"], rtol=0, atol=1e-6)
-
-
 def test_from_torchvision_gives_the_same_detections() -> None:
     settings = dict(min_size=224, max_size=320, score_thresh=0.05, nms_thresh=0.5, detections_per_img=60,
                     topk_candidates=300, image_mean=[0.5, 0.4, 0.3], image_std=[0.3, 0.2, 0.25])
@@ -251,9 +243,7 @@ def test_torchvision_twin_of_a_small_minis_model_gives_the_same_detections() -> 
     images = [torch.rand(3, 100, 120, generator=torch.Generator().manual_seed(0))]
     with torch.no_grad():
         assert_same_detections(ours(images), twin(images))
-    back = minis.models.from_torchvision(twin)  # and the round trip
-    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_weights(ours, minis.models.from_torchvision(twin))  # and the round trip
     ours.config.level_bounds = (32, 64, 128, 256)
     with pytest.raises(ValueError, match="fixed level ranges"):
         torchvision_twin(ours)

@@ -160,6 +160,11 @@ def assert_same_detections(got: list[dict], expected: list[dict]) -> None:
             torch.testing.assert_close(g["masks"], e["masks"], rtol=0, atol=1e-5)
 
 
+def assert_same_weights(model: torch.nn.Module, other: torch.nn.Module) -> None:
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("kind", ["faster", "mask"])
 def test_from_torchvision_gives_the_same_detections(kind: str) -> None:
     reference = torchvision_model(kind, seed=0, **TV_SETTINGS).eval()
@@ -341,6 +346,4 @@ def test_torchvision_twin_of_a_small_minis_model_gives_the_same_detections() -> 
     images = [torch.rand(3, 100, 120, generator=torch.Generator().manual_seed(0))]
     with torch.no_grad():
         assert_same_detections(ours(images), twin(images))
-    back = minis.models.from_torchvision(twin)  # and the round trip
-    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_weights(ours, minis.models.from_torchvision(twin))  # and the round trip

@@ -233,7 +233,7 @@ class CondInst(FCOS):
 
     def semantic_loss(self, hidden: torch.Tensor, gt_masks: list[torch.Tensor], targets: list[dict]) -> torch.Tensor:
         """Focal loss of every pixel's class at stride 8 (the smallest object covering it wins)."""
-        logits = self.semantic_logits(hidden).float()  # [B,K-1,h,w]; float32: the sum would overflow float16
+        logits = self.semantic_logits(hidden)  # [B,K-1,h,w]
         stride = self.backbone.strides[0]
         classes = []
         for masks, target in zip(gt_masks, targets):

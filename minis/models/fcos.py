@@ -45,7 +45,7 @@ from torch import nn
 from torchvision.ops import batched_nms  # compiled; minis.ops.batched_nms is the same (tests/test_ops.py)
 
 from minis.models import register
-from minis.models.porting import (backbone_fpn_from_torchvision, register_port, rename_keys,
+from minis.models.porting import (backbone_fpn_from_torchvision, load_into_twin, register_port, rename_keys,
                                   torchvision_backbone_with_fpn)
 from minis.nn.detection import DetectionTransform, ImageBatch, check_targets
 from minis.nn.fpn import BackboneFPN, backbone_fpn
@@ -325,10 +325,10 @@ class FCOS(nn.Module):
         flat_object = first_object_index(targets, image_index) + object_index  # among the whole batch's objects
         gt_labels = torch.cat([t["labels"] for t in targets])[flat_object]
 
-        class_logits = outputs.class_logits.float()  # float32: a sum over every location overflows float16
-        class_targets = torch.zeros_like(class_logits)
+        class_targets = torch.zeros_like(outputs.class_logits)
         class_targets[image_index, location_index, gt_labels] = 1.0
-        loss_cls = sigmoid_focal_loss(class_logits, class_targets, cfg.focal_alpha, cfg.focal_gamma, reduction="sum")
+        loss_cls = sigmoid_focal_loss(outputs.class_logits, class_targets, cfg.focal_alpha, cfg.focal_gamma,
+                                      reduction="sum")
         points, strides = locations.points[location_index], locations.strides[location_index]
         boxes = decode_distances(outputs.distances[image_index, location_index], points, strides)
         loss_box = BOX_LOSSES[cfg.box_loss](boxes, gt_boxes[flat_object], reduction="sum")
@@ -491,11 +491,4 @@ def torchvision_twin(model: FCOS) -> nn.Module:
                            center_sampling_radius=cfg.center_sampling_radius, score_thresh=cfg.score_thresh,
                            nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
                            topk_candidates=cfg.topk_candidates)
-    inverse = {rename_keys(key, _KEY_MAP): key for key in twin.state_dict()}
-    state = model.state_dict()
-    missing = sorted(set(inverse) - set(state))
-    if missing:
-        raise RuntimeError(f"no minis weight for torchvision's {', '.join(inverse[k] for k in missing[:5])}")
-    twin.load_state_dict({inverse[key]: value for key, value in state.items()}, strict=True)
-    twin.task = model.task
-    return twin.train(model.training)
+    return load_into_twin(twin, model, _KEY_MAP)

@@ -56,6 +56,22 @@ def rename_keys(key: str, key_map: Sequence[tuple[str, str]]) -> str:
     return key
 
 
+def load_into_twin(twin: torch.nn.Module, model: torch.nn.Module, key_map: Sequence[tuple[str, str]]) -> torch.nn.Module:
+    """Copy a minis model's weights into its torchvision twin (keys renamed by ``key_map``); same mode and task.
+
+    Raises:
+        RuntimeError: the twin has a weight the minis model lacks (the two architectures differ).
+    """
+    inverse = {rename_keys(key, key_map): key for key in twin.state_dict()}
+    state = model.state_dict()
+    missing = sorted(set(inverse) - set(state))
+    if missing:
+        raise RuntimeError(f"no minis weight for torchvision's {', '.join(inverse[k] for k in missing[:5])}")
+    twin.load_state_dict({inverse[key]: value for key, value in state.items()}, strict=True)
+    twin.task = model.task
+    return twin.train(model.training)
+
+
 _TOP_BLOCKS = {"pool": "LastLevelMaxPool", "p6p7": "LastLevelP6P7"}
 
 

@@ -38,7 +38,7 @@ from torch import nn
 from torchvision.ops import batched_nms, roi_align
 
 from minis.models import register
-from minis.models.porting import (backbone_fpn_from_torchvision, register_port, rename_keys,
+from minis.models.porting import (backbone_fpn_from_torchvision, load_into_twin, register_port, rename_keys,
                                   torchvision_backbone_with_fpn)
 from minis.nn.detection import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, DetectionTransform, ImageBatch,
                                 check_targets, match_boxes, sample_balanced)
@@ -788,11 +788,4 @@ def torchvision_twin(model: FasterRCNN) -> nn.Module:
         twin = TorchvisionMaskRCNN(backbone, num_classes=None, **options)
     else:
         twin = TorchvisionFasterRCNN(backbone, num_classes=None, **options)
-    inverse = {_minis_key(key): key for key in twin.state_dict()}
-    state = model.state_dict()
-    missing = sorted(set(inverse) - set(state))
-    if missing:
-        raise RuntimeError(f"no minis weight for torchvision's {', '.join(inverse[k] for k in missing[:5])}")
-    twin.load_state_dict({inverse[key]: value for key, value in state.items()}, strict=True)
-    twin.task = model.task
-    return twin.train(model.training)
+    return load_into_twin(twin, model, _KEY_MAP)

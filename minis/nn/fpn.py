@@ -31,7 +31,8 @@ from minis.nn.backbones import build_backbone
 FPN_LEVELS = ("c2", "c3", "c4", "c5")
 
 
-TOPS = ("pool", "p6p7", "none")
+EXTRA_LEVELS = {"pool": 1, "p6p7": 2, "none": 0}  # FPN levels each ``top`` adds above the backbone's
+TOPS = tuple(EXTRA_LEVELS)
 
 
 class FPN(nn.Module):
@@ -92,7 +93,7 @@ class BackboneFPN(nn.Module):
         self.fpn = FPN([body.channels[name] for name in self.levels], channels, top)
         self.channels = channels
         first = int(self.levels[0][1:])  # "c3" -> stride 2**3
-        count = len(self.levels) + {"pool": 1, "p6p7": 2, "none": 0}[top]
+        count = len(self.levels) + EXTRA_LEVELS[top]
         self.strides = tuple(2 ** (first + i) for i in range(count))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -43,6 +43,8 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     RetinaNet's ``alpha = 0.25`` looks backwards (positives are rare) but the ``gamma`` term
     already removes most of the negatives' weight, and 0.25 was best in the paper's Table 1a.
     """
+    # float32: under mixed precision a sum over every location and class overflows float16
+    logits, targets = logits.float(), targets.float()
     probability = logits.sigmoid()
     cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_right = probability * targets + (1 - probability) * (1 - targets)
