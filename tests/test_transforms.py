@@ -12,12 +12,10 @@ from minis.data.coco import IGNORE_INDEX
 from minis.data.transforms import (
     DropEmptyBoxes,
     PadTo,
-    ResizeMinMax,
-    eval_transforms,
-    resized_shape,
     semantic_train_transforms,
     train_transforms,
 )
+from minis.nn.detection import DetectionTransform, resized_shape
 
 
 def rectangles_sample(height=30, width=40, rects=((2, 3, 12, 20), (20, 5, 38, 9), (0, 0, 40, 30))):
@@ -58,43 +56,68 @@ def assert_consistent(image, target, atol):
 
 @pytest.mark.parametrize(
     "height, width, min_size, max_size",
-    [(480, 640, 800, 1333), (427, 640, 800, 1333), (100, 1000, 800, 1333), (333, 500, 64, 100), (64, 48, 96, 96)],
+    [(480, 640, 800, 1333), (427, 640, 800, 1333), (100, 1000, 800, 1333), (333, 500, 64, 100), (64, 48, 96, 96),
+     (3000, 4000, 800, 1333), (37, 101, 128, 256)],
 )
-def test_resize_rule_matches_torchvision_detection(height, width, min_size, max_size):
+def test_the_one_resize_rule_is_torchvision_detection_rule(height, width, min_size, max_size):
     new_height, new_width = resized_shape(height, width, min_size, max_size)
     # The rule: shorter side = min_size unless the longer side would pass max_size.
     assert max(new_height, new_width) <= max_size
     assert min(new_height, new_width) == min_size or max(new_height, new_width) == max_size
-    # The reference: torchvision's Mask R-CNN preprocessing (it floors where we round).
+    # The reference: torchvision's Mask R-CNN preprocessing, to the pixel.
     reference = GeneralizedRCNNTransform(min_size, max_size, [0, 0, 0], [1, 1, 1]).eval()
-    resized, _ = reference.resize(torch.rand(3, height, width), None)
-    assert abs(resized.shape[-2] - new_height) <= 1 and abs(resized.shape[-1] - new_width) <= 1
+    image = torch.rand(3, height, width)
+    expected, _ = reference.resize(image, None)
+    assert tuple(expected.shape[-2:]) == (new_height, new_width)
+    ours = DetectionTransform(min_size, max_size, [0, 0, 0], [1, 1, 1]).eval()
+    resized, _ = ours.resize(image, None)
+    torch.testing.assert_close(resized, expected, rtol=0, atol=0)
 
-    image, target = rectangles_sample(height, width, rects=((0, 0, width // 2, height // 2),))
-    image, target = ResizeMinMax(min_size, max_size)(image, target)
-    assert tuple(image.shape[-2:]) == (new_height, new_width)
-    assert tuple(target["masks"].shape[-2:]) == (new_height, new_width)
 
-
-def test_resize_and_flip_keep_boxes_and_masks_together_exactly():
-    # 30x40 -> 60x80: an integer scale, so the transformed masks' boxes are exact.
+def test_training_transforms_do_not_resize_the_model_does():
+    # 30x40: flipped, never resized (a detector's DetectionTransform is the one owner of resizing).
     image, target = rectangles_sample()
-    transform = train_transforms(min_size=60, max_size=1000, flip=1.0)
+    transform = train_transforms(flip=1.0)
     image, out = transform(image, target)
-    assert image.shape == (3, 60, 80)
+    assert image.shape == (3, 30, 40)
     assert_consistent(image, out, atol=0)
-    flipped = torch.tensor([[40 - 12, 3, 40 - 2, 20], [40 - 38, 5, 40 - 20, 9], [0, 0, 40, 30]]) * 2.0
+    flipped = torch.tensor([[40 - 12, 3, 40 - 2, 20], [40 - 38, 5, 40 - 20, 9], [0, 0, 40, 30]]) * 1.0
     assert out["boxes"].as_subclass(torch.Tensor).tolist() == flipped.tolist()
     assert out["labels"].tolist() == [1, 2, 3] and out["image_id"] == 7
+    with pytest.raises(TypeError):
+        train_transforms(min_size=(640, 800))  # the sizes belong to the model
 
 
-def test_random_train_transforms_keep_boxes_and_masks_within_a_pixel():
+def test_multi_scale_training_draws_one_short_side_per_image_in_the_model():
     torch.manual_seed(0)
-    transform = train_transforms(min_size=(37, 45, 51), max_size=70, flip=0.5, jitter=0.3)
+    transform = DetectionTransform((37, 45, 51), 70, [0, 0, 0], [1, 1, 1]).train()
+    image, target = rectangles_sample()
+    target = {key: value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
+              for key, value in target.items()}
+    seen = set()
+    for _ in range(30):
+        batch, targets = transform([image.as_subclass(torch.Tensor)], [target])
+        height, width = batch.image_sizes[0]
+        seen.add(min(height, width))
+        assert targets[0]["masks"].shape[-2:] == (height, width)
+        assert_boxes_enclose_masks(targets[0], atol=1.5)
+    assert seen == {37, 45, 51}
+    transform.eval()
+    batch, _ = transform([image.as_subclass(torch.Tensor)], None)
+    assert min(batch.image_sizes[0]) == 51  # evaluation: the last size
+
+
+def assert_boxes_enclose_masks(target, atol):
+    torch.testing.assert_close(mask_boxes(target["masks"]), target["boxes"], rtol=0, atol=atol)
+
+
+def test_random_train_transforms_keep_boxes_and_masks_together():
+    torch.manual_seed(0)
+    transform = train_transforms(flip=0.5, jitter=0.3)
     for _ in range(20):
         image, target = transform(*rectangles_sample())
-        assert min(image.shape[-2:]) in (37, 45, 51) or max(image.shape[-2:]) == 70
-        assert_consistent(image, target, atol=1.0)  # nearest-neighbour masks round edges to a pixel
+        assert image.shape == (3, 30, 40)
+        assert_consistent(image, target, atol=0)
 
 
 def test_semantic_crops_keep_instances_consistent_and_drop_cropped_away_ones():
@@ -130,7 +153,8 @@ def semantic_sample(height=30, width=40):
 
 def test_semantic_resize_is_nearest_neighbour():
     image, target = semantic_sample()
-    for transform in (train_transforms(min_size=77, max_size=1000, flip=0.5), eval_transforms(min_size=13)):
+    for transform in (semantic_train_transforms(crop_size=77, scale_range=(2.5, 2.5), flip=0.5),
+                      semantic_train_transforms(crop_size=13, scale_range=(0.4, 0.4), flip=0.0)):
         out_image, out = transform(image, target)
         assert out["semantic"].shape == out_image.shape[-2:]
         assert out["semantic"].dtype == torch.int64 and out["image_id"] == 3
@@ -160,15 +184,9 @@ def test_pad_to_pads_instance_masks_with_zero_and_keeps_boxes():
 def test_colour_jitter_changes_the_image_only():
     torch.manual_seed(1)
     image, target = rectangles_sample()
-    transform = train_transforms(min_size=30, max_size=1000, flip=0.0, jitter=0.5)
+    transform = train_transforms(flip=0.0, jitter=0.5)
     out_image, out = transform(image, target)
     assert not torch.allclose(out_image, image)
     assert torch.equal(out["masks"], target["masks"]) and torch.equal(out["boxes"], target["boxes"])
 
 
-def test_eval_transforms_without_size_is_the_identity():
-    image, target = rectangles_sample()
-    out_image, out = eval_transforms(min_size=None)(image, target)
-    assert torch.equal(out_image, image) and out_image.dtype == image.dtype
-    assert out.keys() == target.keys()
-    assert all(out[key] is target[key] for key in target)

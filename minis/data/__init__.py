@@ -21,7 +21,6 @@ _EXPORTS = {
     "labelme_to_coco": "minis.data.labelme",
     "download_coco": "minis.data.download",
     "train_transforms": "minis.data.transforms",
-    "eval_transforms": "minis.data.transforms",
     "semantic_train_transforms": "minis.data.transforms",
     "collate_instances": "minis.data.collate",
     "collate_semantic": "minis.data.collate",

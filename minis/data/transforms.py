@@ -40,38 +40,6 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """Output ``(height, width)`` of the Detectron / torchvision detection resize rule.
-
-    Scale the image so its shorter side becomes ``min_size``, unless that would make the longer
-    side exceed ``max_size``; then scale so the longer side is exactly ``max_size``. The aspect
-    ratio is kept (up to rounding to whole pixels).
-    """
-    scale = min_size / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
-
-
-class ResizeMinMax(nn.Module):
-    """Resize so the shorter side is ``min_size`` and the longer at most ``max_size``.
-
-    ``min_size`` may be a sequence: one value is drawn per call (multi-scale training, as in
-    Mask R-CNN's recipes).
-    """
-
-    def __init__(self, min_size: int | Sequence[int], max_size: int) -> None:
-        super().__init__()
-        self.min_sizes = [min_size] if isinstance(min_size, int) else list(min_size)
-        self.max_size = max_size
-
-    def forward(self, image: Any, target: dict) -> tuple[Any, dict]:
-        min_size = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
-        height, width = F.get_size(image)
-        size = resized_shape(height, width, min_size, self.max_size)
-        return v2.Resize(list(size), antialias=True)(image, target)
-
-
 class RandomScale(nn.Module):
     """Resize by a factor drawn uniformly from ``scale_range`` (the DeepLab/PSPNet augmentation)."""
 
@@ -147,33 +115,21 @@ def _color_jitter(strength: float) -> list[nn.Module]:
     return [v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength)]
 
 
-def train_transforms(
-    min_size: int | Sequence[int] = (640, 672, 704, 736, 768, 800),
-    max_size: int = 1333,
-    flip: float = 0.5,
-    jitter: float = 0.0,
-) -> v2.Compose:
-    """Training augmentation for instance segmentation (Mask R-CNN style).
+def train_transforms(flip: float = 0.5, jitter: float = 0.0) -> v2.Compose:
+    """Training augmentation for instance segmentation: colour jitter (when ``jitter > 0``) and
+    a horizontal flip with probability ``flip``, then instances with empty boxes dropped.
 
-    Colour jitter (when ``jitter > 0``), multi-scale resize (shorter side drawn from
-    ``min_size``, longer side at most ``max_size``), horizontal flip with probability ``flip``,
-    then instances with empty boxes dropped. The defaults are the COCO recipe; the small
-    synthetic benchmark uses small sizes.
+    No resize: a detector resizes its images itself (``DetectionTransform``, the model's
+    ``min_size`` / ``max_size``), and resizing here too would be undone there. Multi-scale
+    training is a tuple ``min_size`` given to the model, e.g.
+    ``build("mask_rcnn", K, min_size=(640, 672, 704, 736, 768, 800))``: one short side drawn per
+    image in training, the last one at evaluation.
     """
-    steps = _color_jitter(jitter) + [ResizeMinMax(min_size, max_size)]
+    steps = _color_jitter(jitter)
     if flip:
         steps.append(v2.RandomHorizontalFlip(p=flip))
     steps.append(DropEmptyBoxes())
     return v2.Compose(steps)
-
-
-def eval_transforms(min_size: int | None = 800, max_size: int = 1333) -> v2.Compose:
-    """Evaluation: the deterministic resize (or nothing when ``min_size`` is None).
-
-    With a resize, predictions come out in the resized frame; scale boxes and masks back to
-    the original image before comparing with the COCO json (or pass ``min_size=None``).
-    """
-    return v2.Compose([v2.Identity() if min_size is None else ResizeMinMax(min_size, max_size)])
 
 
 def semantic_train_transforms(

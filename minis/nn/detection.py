@@ -2,7 +2,12 @@
 
 * :class:`DetectionTransform` normalises each image, resizes it so that its short side is
   ``min_size`` (the long side at most ``max_size``), pads the batch to a multiple of 32 and, after
-  the model has run, maps boxes and masks back to the original image.
+  the model has run, maps boxes and masks back to the original image. It is the only place that
+  resizes a detector's images: datasets hand over images at their own size (the default
+  training augmentation only flips), and multi-scale training is a tuple ``min_size`` given to
+  the model. :func:`resized_shape` is the one implementation of the min/max-size rule.
+* :func:`training_targets` checks the targets a detector is given and removes crowd regions, so
+  that no model ever trains a crowd region as an object.
 * :func:`match_boxes` assigns each anchor or proposal the ground-truth box it overlaps most, or
   marks it background / ignored by IoU thresholds.
 * :func:`sample_balanced` picks a fixed number of training examples per image with at most a
@@ -15,6 +20,7 @@ so that a minis model and torchvision's trained from the same random state see t
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -46,11 +52,27 @@ def resize_boxes(boxes: torch.Tensor, old_size: Sequence[int], new_size: Sequenc
     return torch.stack([x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h], dim=1)
 
 
+def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
+    """The factor that makes the short side ``min_size`` unless the long side would pass ``max_size``."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def resized_shape(height: int, width: int, min_size: float, max_size: float) -> tuple[int, int]:
+    """Output ``(height, width)`` of the detection resize rule (Detectron's and torchvision's).
+
+    The image is scaled by :func:`resize_scale`, and each side rounded down, as
+    ``F.interpolate(scale_factor=..., recompute_scale_factor=True)`` (hence torchvision) does.
+    """
+    scale = resize_scale(height, width, min_size, max_size)
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+
+
 class DetectionTransform(nn.Module):
     """Normalise, resize and batch images (and their targets); map predictions back.
 
     ``min_size`` may be a tuple: in training each image then gets a short side drawn from it
-    (multi-scale training); evaluation always uses the last one.
+    (multi-scale training); evaluation always uses the last one. This is the only resize a
+    detector's images go through (see the module docstring).
     """
 
     def __init__(self, min_size: int | Sequence[int] = 800, max_size: int = 1333,
@@ -93,15 +115,13 @@ class DetectionTransform(nn.Module):
         else:
             min_size = self.min_size[-1]
         height, width = image.shape[-2:]
-        scale = min(min_size / min(height, width), self.max_size / max(height, width))
-        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                              align_corners=False)[0]
+        size = resized_shape(height, width, min_size, self.max_size)
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         if target is None:
             return image, None
-        target["boxes"] = resize_boxes(target["boxes"], (height, width), image.shape[-2:])
+        target["boxes"] = resize_boxes(target["boxes"], (height, width), size)
         if "masks" in target:
-            masks = target["masks"][:, None].float()
-            target["masks"] = F.interpolate(masks, scale_factor=scale, recompute_scale_factor=True)[:, 0].byte()
+            target["masks"] = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
         return image, target
 
     def pad_and_stack(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -129,7 +149,11 @@ class DetectionTransform(nn.Module):
 
 
 def check_targets(targets: list[dict] | None, num_images: int) -> list[dict]:
-    """Refuse training targets a detector cannot learn from, naming the image and the field."""
+    """Refuse training targets a detector cannot learn from, naming the image and the field.
+
+    Crowd regions (``iscrowd = 1``) are exempt from the box check: they are removed before
+    training (:func:`training_targets`), and COCO's crowd boxes may be degenerate.
+    """
     if targets is None:
         raise ValueError("training mode needs targets: model(images, targets)")
     if len(targets) != num_images:
@@ -142,14 +166,56 @@ def check_targets(targets: list[dict] | None, num_images: int) -> list[dict]:
         boxes = target["boxes"]
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"image id {image_id}: 'boxes' must be [N,4], got {tuple(boxes.shape)}")
-        for field in ("labels", "masks"):
+        for field in ("labels", "masks", "iscrowd"):
             if field in target and len(target[field]) != len(boxes):
                 raise ValueError(f"image id {image_id}: {len(boxes)} boxes but {len(target[field])} {field}")
-        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1) & ~crowd_flags(target)
         if degenerate.any():
             first = int(degenerate.nonzero()[0])
             raise ValueError(f"image id {image_id}: box {first} {boxes[first].tolist()} has no width or no height")
     return targets
+
+
+# Per-instance fields of a detection target: dropped together when an instance is dropped.
+INSTANCE_FIELDS = ("boxes", "labels", "masks", "iscrowd", "area")
+
+
+def crowd_flags(target: dict) -> torch.Tensor:
+    """``[N]`` bool: which instances of ``target`` are crowd regions (none when it has no ``iscrowd``)."""
+    boxes = target["boxes"]
+    if "iscrowd" not in target:
+        return torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+    return torch.as_tensor(target["iscrowd"], device=boxes.device).reshape(-1) != 0
+
+
+def drop_crowd(target: dict) -> dict:
+    """A copy of ``target`` without its crowd regions (every per-instance field filtered alike)."""
+    crowd = crowd_flags(target)
+    if not crowd.any():
+        return dict(target)
+    keep = ~crowd
+    return {key: value[keep.to(value.device)] if key in INSTANCE_FIELDS else value for key, value in target.items()}
+
+
+def training_targets(targets: list[dict] | None, num_images: int) -> list[dict]:
+    """The targets a detector trains on: checked (:func:`check_targets`), crowd regions removed.
+
+    A crowd region (``iscrowd = 1``: COCO's "a crowd of people" RLE, a labelme ``__ignore__``
+    shape) marks many objects, or none, under one mask. Training it as one object would teach
+    the model to draw one box around a crowd, so no model may use it as a positive: not as an
+    anchor, a proposal, a location, nor a mask target. Every detector calls this function first
+    in training, so the rule lives in one place and new models inherit it.
+
+    The choice is torchvision's reference scripts' (drop crowd annotations before training), not
+    Detectron's (keep them and mark anchors that overlap a crowd region as ignored). With it, an
+    image whose only annotations are crowd regions trains exactly like an image without objects.
+    The price: pixels of a crowd are background for the losses. Evaluation is unaffected:
+    pycocotools reads crowd regions from the annotation file and does not count detections that
+    fall on them as false positives.
+
+    Returns new dicts (the caller's targets are not modified).
+    """
+    return [drop_crowd(target) for target in check_targets(targets, num_images)]
 
 
 def match_boxes(quality: torch.Tensor, high: float, low: float, allow_low_quality: bool) -> torch.Tensor:
