@@ -9,6 +9,7 @@ has ``num_classes = K + 1`` (semantic class 0 / instance label 0 is the backgrou
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -44,6 +45,22 @@ def build(name: str, num_classes: int, **kwargs) -> torch.nn.Module:
     model = _REGISTRY[name](num_classes=num_classes, **kwargs)
     model.build_args = {"name": name, "num_classes": num_classes, **kwargs}
     return model
+
+
+def shapes_settings(name: str) -> dict:
+    """The small CPU configuration of model ``name``: the ``build`` options the book trains on shapes.
+
+    A model file declares it as ``SHAPES_SETTINGS`` next to its builder (detectors: the small
+    backbone, narrow FPN and heads, 128-pixel inputs). Models without one (the semantic models,
+    whose defaults are already small) give ``{}``. Tests and benchmarks that run every registered
+    model use it, so a new model joins them by declaring its settings.
+
+    >>> model = build("mask_rcnn", num_classes=5, **shapes_settings("mask_rcnn"))
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    module = sys.modules[_REGISTRY[name].__module__]
+    return dict(getattr(module, "SHAPES_SETTINGS", {}))
 
 
 def from_torchvision(tv_model: torch.nn.Module) -> torch.nn.Module:
