@@ -47,7 +47,8 @@ from torchvision.ops import batched_nms  # compiled; minis.ops.batched_nms is th
 from minis.models import register
 from minis.models.porting import (backbone_fpn_from_torchvision, load_into_twin, register_port, rename_keys,
                                   torchvision_backbone_with_fpn)
-from minis.nn.detection import DetectionTransform, ImageBatch, check_targets
+from minis.models.rcnn import SHAPES_RECIPE as RCNN_SHAPES_RECIPE
+from minis.nn.detection import DetectionTransform, ImageBatch, training_targets
 from minis.nn.fpn import BackboneFPN, backbone_fpn
 from minis.nn.losses import giou_loss, iou_loss, sigmoid_focal_loss
 from minis.ops import clip_boxes_to_image
@@ -289,7 +290,7 @@ class FCOS(nn.Module):
     def forward(self, images: Sequence[torch.Tensor], targets: list[dict] | None = None):
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         if self.training:
-            check_targets(targets, len(images))
+            targets = training_targets(targets, len(images))  # checked, crowd regions removed
         batch, targets = self.transform(images, targets if self.training else None)
         features = self.backbone(batch.tensors)  # [P3..P7]
         outputs = self.head(features)

@@ -41,7 +41,7 @@ from minis.models import register
 from minis.models.porting import (backbone_fpn_from_torchvision, load_into_twin, register_port, rename_keys,
                                   torchvision_backbone_with_fpn)
 from minis.nn.detection import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, DetectionTransform, ImageBatch,
-                                check_targets, match_boxes, sample_balanced)
+                                match_boxes, sample_balanced, training_targets)
 from minis.nn.fpn import BackboneFPN, backbone_fpn
 from minis.ops import AnchorGenerator, BoxCoder, box_iou, clip_boxes_to_image, multiscale_roi_align, remove_small_boxes
 
@@ -305,7 +305,7 @@ class FasterRCNN(nn.Module):
     def forward(self, images: Sequence[torch.Tensor], targets: list[dict] | None = None):
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         if self.training:
-            check_targets(targets, len(images))
+            targets = training_targets(targets, len(images))  # checked, crowd regions removed
         batch, targets = self.transform(images, targets if self.training else None)
         features = self.backbone(batch.tensors)  # [P2..P6]
         proposals, losses = self.rpn(batch, features, targets)
