@@ -261,6 +261,27 @@ def test_matches_pycocotools_used_by_hand(dataset):
     assert metrics["segm"]["APs"] < with_boxes[3]
 
 
+def test_mask_scores_rank_the_masks_and_scores_rank_the_boxes(dataset):
+    """A model that re-scores its masks (MS R-CNN, YOLACT++): segm by mask_scores, bbox by scores."""
+    predictions = _noisy_predictions(dataset)
+    generator = torch.Generator().manual_seed(5)
+    rescored = {image_id: {**p, "mask_scores": torch.rand(len(p["scores"]), generator=generator)}
+                for image_id, p in predictions.items()}
+    metrics = coco_evaluate(dataset, rescored)
+    # The reference: pycocotools given the mask scores as the scores of the masks.
+    as_mask_scores = {image_id: {**p, "scores": p["mask_scores"]} for image_id, p in rescored.items()}
+    results = predictions_to_coco_results(dataset, as_mask_scores)
+    by_hand_segm = cocoeval_by_hand(dataset.coco, [{k: v for k, v in r.items() if k != "bbox"} for r in results],
+                                    "segm", dataset.ids)
+    np.testing.assert_allclose(as_stats(metrics["segm"]), by_hand_segm)
+    plain = coco_evaluate(dataset, predictions)
+    assert metrics["bbox"] == plain["bbox"]  # the boxes keep their own ranking
+    assert metrics["segm"]["AP"] != plain["segm"]["AP"]  # and the masks' ranking did change
+    bad = {image_id: {**p, "mask_scores": p["scores"][:-1]} for image_id, p in predictions.items()}
+    with pytest.raises(ValueError, match=r"image id \d+: \d+ boxes but \d+ mask_scores"):
+        coco_evaluate(dataset, bad)
+
+
 def test_results_encoded_image_by_image_give_the_same_metrics(dataset):
     """What the engine does: encode each image's detections as they come, evaluate at the end."""
     predictions = _noisy_predictions(dataset)

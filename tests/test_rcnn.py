@@ -317,18 +317,25 @@ def test_mask_iou_targets_count_the_object_outside_the_box() -> None:
     torch.testing.assert_close(iou, torch.tensor([1.0, 0.5]), atol=0.02, rtol=0)
 
 
-def test_mask_scoring_multiplies_class_score_by_predicted_iou() -> None:
+def test_mask_scoring_rescores_the_masks_only() -> None:
     torch.manual_seed(0)
     model = minis.models.build("ms_rcnn", num_classes=3, **SMALL, box_score_thresh=0.0).eval()
     assert isinstance(model, MaskScoringRCNN)
+    image = torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        detection = model([torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(0))])[0]
+        detection = model([image])[0]
     assert len(detection["scores"]) > 0
-    torch.testing.assert_close(detection["scores"], detection["class_scores"] * detection["mask_iou"].clamp(0, 1))
+    torch.testing.assert_close(detection["mask_scores"], detection["scores"] * detection["mask_iou"].clamp(0, 1))
+    # The boxes keep Mask R-CNN's class scores: the same model without its MaskIoU head.
+    as_mask_rcnn = minis.models.build("mask_rcnn", num_classes=3, **SMALL, box_score_thresh=0.0).eval()
+    as_mask_rcnn.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("maskiou_head.")})
+    with torch.no_grad():
+        reference = as_mask_rcnn([image])[0]
+    assert torch.equal(detection["scores"], reference["scores"]) and torch.equal(detection["boxes"], reference["boxes"])
     model.score_with_mask_iou = False  # Mask R-CNN's ranking of the same detections
     with torch.no_grad():
-        plain = model([torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(0))])[0]
-    assert torch.equal(plain["scores"], plain["class_scores"])
+        plain = model([image])[0]
+    assert "mask_scores" not in plain and torch.equal(plain["scores"], detection["scores"])
 
 
 def test_config_fields_are_builder_arguments() -> None:

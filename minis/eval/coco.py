@@ -150,6 +150,12 @@ def _image_results(
         {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
         for c, b, s in zip(category_ids, xywh.tolist(), scores.tolist())
     ]
+    if "mask_scores" in prediction:  # a model that re-scores its masks (MS R-CNN, YOLACT++)
+        mask_scores = _as_tensor(prediction["mask_scores"]).to("cpu", torch.float64).reshape(-1)
+        if len(mask_scores) != n:
+            raise ValueError(f"image id {image_id}: {n} boxes but {len(mask_scores)} mask_scores")
+        for result, mask_score in zip(results, mask_scores.tolist()):
+            result["mask_score"] = mask_score
     if "masks" in prediction:
         masks = _as_tensor(prediction["masks"])
         if masks.dim() == 4 and masks.shape[1] == 1:  # [N, 1, H, W] like torchvision -> [N, H, W]
@@ -173,12 +179,14 @@ def predictions_to_coco_results(
         dataset: has ``coco`` (ground-truth ``COCO``), ``ids`` and ``label_to_cat_id``.
         predictions: image id -> the model's output for that image: ``boxes`` [N,4] xyxy in
             pixels, ``labels`` [N] contiguous 1..K, ``scores`` [N] and optionally ``masks``
-            [N,1,H,W] or [N,H,W] (probabilities, or 0/1 / bool). Tensors on any device, numpy
+            [N,1,H,W] or [N,H,W] (probabilities, or 0/1 / bool) and ``mask_scores`` [N]
+            (a model that re-scores its masks: they rank the masks for ``segm``, while
+            ``scores`` rank the boxes). Tensors on any device, numpy
             arrays or lists. Image ids may be ints or one-element tensors.
         mask_threshold: a pixel belongs to a mask when its probability is ``> mask_threshold``.
 
     Returns:
-        ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation"?}, ...]``
+        ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation"?, "mask_score"?}, ...]``
         with COCO category ids (``dataset.label_to_cat_id``) and RLE ``segmentation`` whose
         ``counts`` is a ``str`` (JSON-serialisable).
 
@@ -311,6 +319,19 @@ def coco_evaluate(
     return evaluate_coco_results(dataset, results, iou_types, verbose=verbose)
 
 
+def _result_for(result: Mapping[str, Any], iou_type: str) -> dict:
+    """One result as pycocotools should see it for ``iou_type``.
+
+    ``bbox``: without the mask, ranked by ``score``. ``segm``: without the box (see
+    :func:`coco_evaluate`) and ranked by ``mask_score`` when the model gave one.
+    """
+    dropped = ("segmentation", "mask_score") if iou_type == "bbox" else ("bbox", "mask_score")
+    typed = {k: v for k, v in result.items() if k not in dropped}
+    if iou_type == "segm" and "mask_score" in result:
+        typed["score"] = result["mask_score"]
+    return typed
+
+
 def evaluate_coco_results(
     dataset: Any,
     results: Sequence[Mapping[str, Any]],
@@ -341,10 +362,7 @@ def evaluate_coco_results(
     output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with output:
         for iou_type in iou_types:
-            if iou_type == "bbox":
-                typed = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
-            else:
-                typed = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+            typed = [_result_for(r, iou_type) for r in results]
             if verbose:
                 print(f"--- {iou_type} ---")
             metrics[iou_type] = _run_cocoeval(dataset.coco, typed, iou_type, image_ids)

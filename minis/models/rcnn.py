@@ -15,7 +15,9 @@
 * Mask Scoring R-CNN (Huang et al., CVPR 2019) notices that a detection's score measures how
   sure the classifier is about the class, not how good the mask is. A MaskIoU head looks at
   the RoI features and the predicted mask and regresses the mask's IoU with the ground truth;
-  the final score is ``class score x predicted MaskIoU``, so mask AP ranks good masks first.
+  the mask's score is ``class score x predicted MaskIoU`` (output ``mask_scores``, which
+  :func:`minis.eval.coco_evaluate` ranks masks by), so mask AP ranks good masks first. Boxes
+  keep their class scores, as in the paper, which re-scores masks only.
 
 The three models are one class each, each extending the one before. Every step matches
 torchvision's ``FasterRCNN`` and ``MaskRCNN`` number for number: :func:`from_torchvision_rcnn`
@@ -580,11 +582,13 @@ def mask_iou_targets(mask_logits: torch.Tensor, mask_targets: torch.Tensor, insi
 
 
 class MaskScoringRCNN(MaskRCNN):
-    """Mask R-CNN whose detection scores are ``class probability x predicted mask IoU``.
+    """Mask R-CNN whose masks are scored ``class probability x predicted mask IoU``.
 
-    Detections also hold ``mask_iou [N]`` (the MaskIoU head's estimate) and ``class_scores [N]``.
-    Setting ``model.score_with_mask_iou = False`` keeps the class scores as the scores: the same
-    detections and masks ranked as Mask R-CNN ranks them, for comparing the two scorings.
+    Detections hold ``scores [N]`` (the class probabilities, as Mask R-CNN's: box AP is ranked by
+    them), ``mask_iou [N]`` (the MaskIoU head's estimate) and ``mask_scores [N]`` (their product,
+    which ranks the masks for mask AP). Setting ``model.score_with_mask_iou = False`` leaves out
+    ``mask_scores``: the same detections and masks ranked as Mask R-CNN ranks them, for comparing
+    the two scorings.
     """
 
     def __init__(self, backbone: BackboneFPN, num_classes: int, config: RCNNConfig | None = None) -> None:
@@ -614,10 +618,9 @@ class MaskScoringRCNN(MaskRCNN):
         labels = torch.cat([d["labels"] for d in detections])
         iou = self.maskiou_head(roi_features, masks)[torch.arange(len(labels), device=labels.device), labels]
         for detection, image_iou in zip(detections, iou.split([len(d["boxes"]) for d in detections])):
-            detection["class_scores"] = detection["scores"]
             detection["mask_iou"] = image_iou
-            if self.score_with_mask_iou:
-                detection["scores"] = detection["scores"] * image_iou.clamp(0, 1)
+            if self.score_with_mask_iou:  # the masks are re-ranked; the boxes keep their class scores
+                detection["mask_scores"] = detection["scores"] * image_iou.clamp(0, 1)
         return roi_features
 
 
