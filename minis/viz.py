@@ -1,8 +1,9 @@
 """Pictures of segmentations: instance overlays, class colour maps, side-by-side panels, curves.
 
 Everything takes PyTorch tensors or NumPy arrays as they come out of a dataset or a model
-(image ``[3,H,W]`` float in 0..1 or ``[H,W,3]`` uint8; masks ``[N,H,W]`` bool/uint8 or
-``[N,1,H,W]`` probabilities) and draws on a matplotlib ``Axes``, which it returns. Nothing here
+(image ``[3,H,W]`` float in 0..1 or ``[H,W,3]`` uint8; masks ``[N,H,W]`` bool/uint8,
+``[N,1,H,W]`` probabilities, or a list of COCO RLEs as models return them inside
+:func:`minis.ops.masks.rle_masks`) and draws on a matplotlib ``Axes``, which it returns. Nothing here
 calls ``plt.show()``: in a notebook the figure appears by itself, in a script save it with
 :func:`save_figure`.
 """
@@ -34,7 +35,8 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
-IGNORE_INDEX = 255
+from minis.data.coco import IGNORE_INDEX  # noqa: E402
+
 _GOLDEN_RATIO_CONJUGATE = (math.sqrt(5) - 1) / 2
 
 
@@ -67,8 +69,23 @@ def _image_hwc(image) -> np.ndarray:
     return np.clip(array.astype(np.float32), 0, 1)
 
 
-def _binary_masks(masks, height: int, width: int) -> np.ndarray:
-    """bool ``[N,H,W]`` from bool/uint8 ``[N,H,W]`` or probabilities ``[N,1,H,W]`` (> 0.5)."""
+def _is_rle_list(masks) -> bool:
+    """Whether ``masks`` is a list of COCO RLE dicts (``{"size": [H, W], "counts": ...}``)."""
+    return isinstance(masks, (list, tuple)) and all(isinstance(m, Mapping) for m in masks)
+
+
+def _mask_source(masks, height: int, width: int) -> list | np.ndarray:
+    """The masks to draw, checked and not copied: a list of RLEs, or an array ``[N,H,W]``.
+
+    The array keeps its type (bool/uint8, or probabilities drawn where > 0.5); binary copies are
+    made a few masks at a time by :func:`_binary_chunk`, because ``N`` image-sized masks of a
+    large photo do not fit in memory.
+    """
+    if _is_rle_list(masks):
+        sizes = {tuple(int(v) for v in rle["size"]) for rle in masks}
+        if sizes - {(height, width)}:
+            raise ValueError(f"RLE masks must have size {[height, width]}, got sizes {sorted(sizes)}")
+        return list(masks)
     array = _to_numpy(masks)
     if array.ndim == 4:
         array = array[:, 0]
@@ -76,9 +93,33 @@ def _binary_masks(masks, height: int, width: int) -> np.ndarray:
         array = array[None]
     if array.ndim != 3 or array.shape[1:] != (height, width):
         raise ValueError(f"masks must be [N,H,W] or [N,1,H,W] with H,W = {height},{width}; got {array.shape}")
-    if array.dtype.kind == "f":
-        return array > 0.5
-    return array != 0
+    return array
+
+
+def _binary_chunk(masks: list | np.ndarray, index: np.ndarray) -> np.ndarray:
+    """bool ``[n,H,W]``: the masks number ``index`` of a :func:`_mask_source`."""
+    if isinstance(masks, list):
+        from pycocotools import mask as mask_utils
+
+        return np.moveaxis(mask_utils.decode([masks[i] for i in index]), -1, 0) != 0  # decode gives [H,W,n]
+    chunk = masks[index]
+    return chunk > 0.5 if chunk.dtype.kind == "f" else chunk != 0
+
+
+def _top_instance(masks: list | np.ndarray, index: np.ndarray, height: int, width: int) -> np.ndarray:
+    """int32 ``[H,W]``: position in ``index`` of the last of those masks covering each pixel, -1 where none.
+
+    Built a chunk of masks at a time (at most about 64 MB of them), so that drawing 100
+    detections on a 12-megapixel photo needs one ``[H,W]`` map, not 100 masks.
+    """
+    top = np.full((height, width), -1, dtype=np.int32)
+    step = max(1, 2**26 // max(1, height * width))
+    for start in range(0, len(index), step):
+        binary = _binary_chunk(masks, index[start:start + step])  # [n,H,W]
+        covered = binary.any(axis=0)
+        last = len(binary) - 1 - np.argmax(binary[::-1], axis=0)  # the last mask of the chunk covering it
+        top[covered] = start + last[covered]
+    return top
 
 
 def _label_map(mask) -> np.ndarray:
@@ -162,7 +203,8 @@ def draw_instances(
     Args:
         image: ``[3,H,W]`` float 0..1 or ``[H,W,3]`` uint8 (tensor or array).
         boxes: ``[N,4]`` xyxy in pixels.
-        masks: ``[N,H,W]`` bool/uint8, or ``[N,1,H,W]`` probabilities (drawn where > 0.5).
+        masks: ``[N,H,W]`` bool/uint8, ``[N,1,H,W]`` probabilities (drawn where > 0.5), or a list
+            of ``N`` COCO RLEs of the image's size (decoded a few at a time: large photos fit).
         labels: ``[N]`` class indices (into ``class_names``; 1..K, 0 is the background).
         scores: ``[N]``; instances below ``score_threshold`` are not drawn (ground truth has none).
         alpha: opacity of the mask colour.
@@ -171,26 +213,27 @@ def draw_instances(
     """
     picture = _image_hwc(image)
     height, width = picture.shape[:2]
-    arrays = {"boxes": boxes, "masks": masks, "labels": labels, "scores": scores}
+    arrays = {"boxes": boxes, "labels": labels, "scores": scores}
     arrays = {k: _to_numpy(v) for k, v in arrays.items() if v is not None}
     counts = {k: len(v) for k, v in arrays.items()}
+    if masks is not None:
+        counts["masks"] = len(masks)
     if len(set(counts.values())) > 1:
         raise ValueError(f"draw_instances: boxes/masks/labels/scores disagree on the number of instances: {counts}")
-    if "masks" in arrays:
-        arrays["masks"] = _binary_masks(arrays["masks"], height, width)  # bool [N,H,W]
+    if masks is not None:
+        masks = _mask_source(masks, height, width)
+    shown = np.arange(next(iter(counts.values()), 0))  # the instances drawn, by their index in the inputs
     if "scores" in arrays:  # keep confident detections only
-        keep = arrays["scores"] >= score_threshold
-        arrays = {k: v[keep] for k, v in arrays.items()}
-    num_instances = len(next(iter(arrays.values()))) if arrays else 0
+        shown = np.flatnonzero(arrays["scores"] >= score_threshold)
+        arrays = {k: v[shown] for k, v in arrays.items()}
+    num_instances = len(shown)
     colours = instance_colors(num_instances)
 
-    if "masks" in arrays and num_instances:
-        masks_hw = arrays["masks"]
-        # The last instance covering a pixel is on top: argmax over the reversed stack finds it.
-        covered = masks_hw.any(axis=0)
-        top = num_instances - 1 - np.argmax(masks_hw[::-1], axis=0)
-        weight = (alpha * covered)[..., None]
-        picture = (1 - weight) * picture + weight * colours[top]
+    if masks is not None and num_instances:
+        # the last instance covering a pixel is on top; only covered pixels are blended
+        top = _top_instance(masks, shown, height, width)
+        covered = top >= 0
+        picture[covered] = (1 - alpha) * picture[covered] + alpha * colours.astype(np.float32)[top[covered]]
 
     ax = _new_axes(ax)
     # extent: pixel (row i, column j) covers [j, j+1] x [i, i+1], the continuous coordinates in
@@ -198,7 +241,7 @@ def draw_instances(
     ax.imshow(picture, interpolation="nearest", extent=(0, width, height, 0))
     ax.set_axis_off()
     for i in range(num_instances):  # one patch and one caption per instance: matplotlib objects
-        anchor = _draw_box(ax, arrays, i, colours[i])
+        anchor = _draw_box(ax, arrays, masks, shown[i], i, colours[i])
         caption = _caption(arrays, i, class_names)
         if caption and anchor is not None:
             ax.text(*anchor, caption, fontsize=8, color=_text_colour(colours[i]), va="bottom",
@@ -206,14 +249,17 @@ def draw_instances(
     return ax
 
 
-def _draw_box(ax: Axes, arrays: dict, i: int, colour: np.ndarray):
-    """Draw instance ``i``'s box (if any) and return where its caption goes (top-left corner)."""
+def _draw_box(ax: Axes, arrays: dict, masks: list | np.ndarray | None, source: int, i: int, colour: np.ndarray):
+    """Draw the ``i``-th shown instance's box (if any) and return where its caption goes (top-left corner).
+
+    ``source`` is its index in ``masks`` (all inputs), ``i`` its index in ``arrays`` (the shown ones).
+    """
     if "boxes" in arrays:
         x0, y0, x1, y1 = arrays["boxes"][i].tolist()
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5))
         return x0, y0
-    if "masks" in arrays:  # no box: put the caption at the mask's top-left corner
-        ys, xs = np.nonzero(arrays["masks"][i])
+    if masks is not None:  # no box: put the caption at the mask's top-left corner
+        ys, xs = np.nonzero(_binary_chunk(masks, np.array([source]))[0])
         return (float(xs.min()), float(ys.min())) if len(xs) else None
     return None
 

@@ -8,7 +8,8 @@ import torchvision
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, deeplabv3_resnet101
 
 import minis.models
-from minis.models.deeplab import ASPP, ImagePooling, PooledBatchNorm2d
+from minis.models.deeplab import ASPP, ImagePooling
+from minis.nn import PooledBatchNorm2d
 from minis.nn.layers import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

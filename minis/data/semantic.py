@@ -18,8 +18,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from minis.data.coco import IGNORE_INDEX
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-IGNORE_INDEX = 255
 
 
 class SemanticSegmentation(Dataset):

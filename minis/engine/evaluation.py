@@ -3,7 +3,9 @@
 - semantic models: argmax of the logits against the label maps, accumulated in a
   :class:`minis.eval.ConfusionMatrix` (mIoU, pixel accuracy, ...);
 - instance models: per-image detections scored by pycocotools through
-  :func:`minis.eval.coco_evaluate` (box and mask AP).
+  :func:`minis.eval.coco_evaluate` (box and mask AP). The models are asked for their masks as
+  COCO RLEs (:func:`minis.ops.masks.rle_masks`), encoded a few detections at a time, so a large
+  photo never holds ``detections x H x W`` float masks.
 
 Under ``torchrun`` each rank evaluates its own shard of the images (every image exactly once)
 and the partial results are combined before the metrics are computed.
@@ -11,6 +13,7 @@ and the partial results are combined before the metrics are computed.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -18,10 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from minis.data.coco import IGNORE_INDEX
 from minis.data.collate import collate_instances
 from minis.engine import distributed
-
-IGNORE_INDEX = 255
+from minis.ops.masks import rle_masks
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -78,7 +81,9 @@ def _evaluate_instances(model, loader, device, dataset, bar) -> tuple[dict, list
 
     Each batch's detections are converted to COCO results (boxes xywh, masks RLE-encoded) as soon
     as they are predicted: a full COCO validation run then holds short RLE strings, not
-    ``detections x H x W`` mask pixels, and the ranks' lists simply concatenate.
+    ``detections x H x W`` mask pixels, and the ranks' lists simply concatenate. The model itself
+    encodes its masks (``rle_masks``: the same binary masks as thresholding its probabilities at
+    0.5, the evaluator's threshold), a chunk of detections at a time.
     """
     from minis.eval.coco import evaluate_coco_results, predictions_to_coco_results
 
@@ -86,7 +91,8 @@ def _evaluate_instances(model, loader, device, dataset, bar) -> tuple[dict, list
     image_ids: list[int] = []
     has_masks = False
     for images, targets in loader:
-        outputs = model([image.to(device) for image in images])
+        with rle_masks():
+            outputs = model([image.to(device) for image in images])
         batch = {int(target["image_id"]): output for output, target in zip(outputs, targets)}
         has_masks = has_masks or any("masks" in output for output in outputs)
         results += predictions_to_coco_results(dataset, batch)
@@ -164,7 +170,11 @@ def _move_output(output: Any) -> Any:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor | Sequence[torch.Tensor], *, device: torch.device | str | None = None
+    model: nn.Module,
+    images: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    device: torch.device | str | None = None,
+    rle: bool = False,
 ) -> Any:
     """Run ``model`` in eval mode without gradients; outputs come back on the CPU.
 
@@ -175,6 +185,10 @@ def predict(
         semantic models: logits ``[C,H,W]`` for one image, ``[B,C,H,W]`` for a batch, a list
         of ``[C,H,W]`` for a list; instance models: one output dict (``boxes``, ``labels``,
         ``scores``, ``masks``) for one image, a list of them otherwise.
+
+    ``rle=True`` asks instance models for ``masks`` as a list of COCO RLEs (pixels with
+    probability > 0.5; see :func:`minis.ops.masks.rle_masks`) instead of ``[N,1,H,W]``
+    probabilities: what to use on large photos, where 100 float masks of 12 megapixels take 4.8 GB.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     single = isinstance(images, torch.Tensor) and images.dim() == 3
@@ -191,7 +205,8 @@ def predict(
             else:
                 outputs = [model(image[None].to(device))[0] for image in images]
         else:
-            outputs = model([image.to(device) for image in images])
+            with rle_masks() if rle else contextlib.nullcontext():
+                outputs = model([image.to(device) for image in images])
     finally:
         model.train(was_training)
     outputs = _move_output(outputs)

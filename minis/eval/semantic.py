@@ -24,6 +24,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from minis.data.coco import IGNORE_INDEX
+
 
 def _as_label_map(value: Any, what: str) -> torch.Tensor:
     """An integer tensor from a tensor or numpy array of class indices (any shape)."""
@@ -69,7 +71,7 @@ class ConfusionMatrix:
     """
 
     def __init__(
-        self, num_classes: int, ignore_index: int | None = 255, device: torch.device | str | None = None
+        self, num_classes: int, ignore_index: int | None = IGNORE_INDEX, device: torch.device | str | None = None
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
@@ -158,7 +160,7 @@ def semantic_evaluate(
     predictions: Any,
     targets: Any,
     num_classes: int,
-    ignore_index: int | None = 255,
+    ignore_index: int | None = IGNORE_INDEX,
     class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """mIoU, pixel accuracy and per-class IoU of predicted label maps against ground truth.

@@ -5,30 +5,30 @@ remaining position, and bilinear upsampling brings the scores back to the input 
 FCN-32s's idea at toy scale, small enough to train on a laptop CPU in a couple of minutes, and
 the model the engine's tests and the quick-start demo train. The real architectures (FCN,
 U-Net, DeepLab, ...) have their own files.
+
+It follows no paper, so it has no departures to list; the forward pass (normalise, encode,
+score, bilinear resize, cross-entropy) is :class:`minis.nn.SemanticModel`'s, shared by every
+semantic model.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minis.models import register
-from minis.nn import ImageNormalizer, conv_bn_relu
+from minis.nn import SemanticModel, conv_bn_relu
 
 
-class BaselineFCN(nn.Module):
+class BaselineFCN(SemanticModel):
     """Semantic segmentation: ``images [B,3,H,W] in 0..1 -> logits [B,C,H,W]``.
 
     In training mode with ``targets`` (int64 ``[B,H,W]``, 255 = ignore) it returns
     ``{"loss_ce": cross-entropy}`` instead, the same contract as every minis model.
     """
 
-    task = "semantic"
-
     def __init__(self, num_classes: int, width: int = 32) -> None:
         super().__init__()
-        self.normalize = ImageNormalizer()
         self.encoder = nn.Sequential(
             conv_bn_relu(3, width, stride=2),  # 1/2
             conv_bn_relu(width, width),
@@ -39,12 +39,11 @@ class BaselineFCN(nn.Module):
         )
         self.classifier = nn.Conv2d(4 * width, num_classes, kernel_size=1)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
-        features = self.encoder(self.normalize(images))  # [B, 4w, H/8, W/8]
-        logits = F.interpolate(self.classifier(features), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        if self.training and targets is not None:
-            return {"loss_ce": F.cross_entropy(logits, targets, ignore_index=255)}
-        return logits
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)  # [B, 4w, H/8, W/8]
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)  # [B, C, H/8, W/8]; the forward pass resizes them to the image
 
 
 @register("baseline_fcn")

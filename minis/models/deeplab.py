@@ -44,28 +44,11 @@ from torch import nn
 
 from minis.models import build, register
 from minis.models.porting import register_port
-from minis.nn import FCNHead, ImageNormalizer, build_backbone, conv_bn_relu, resize_to, semantic_losses
+from minis.nn import BackboneHeadModel, FCNHead, PooledBatchNorm2d, build_backbone, conv_bn_relu, resize_to
 from minis.nn.backbones import vgg16
 
 
 # --------------------------------------------------------------------------- shared pieces
-
-
-class PooledBatchNorm2d(nn.BatchNorm2d):
-    """Batch norm for globally pooled ``[B,C,1,1]`` maps that also trains with one image.
-
-    After global pooling each channel holds one number per image, so a training batch of one
-    image has a single value per channel and no variance: :class:`torch.nn.BatchNorm2d` refuses
-    it ("Expected more than 1 value per channel"). With a single value this layer normalises with
-    the running statistics instead (and leaves them unchanged); otherwise it is ordinary batch norm.
-    Same parameters and state-dict keys as :class:`torch.nn.BatchNorm2d`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                training=False, eps=self.eps)
-        return super().forward(x)
 
 
 def conv1x1_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -257,33 +240,18 @@ class DeepLabV3PlusHead(nn.Module):
 # --------------------------------------------------------------------------- the model
 
 
-class DeepLab(nn.Module):
+class DeepLab(BackboneHeadModel):
     """Backbone -> head -> bilinear upsampling: ``images [B,3,H,W] in 0..1 -> logits [B,K,H,W]``.
 
     In training mode with ``targets`` (int64 ``[B,H,W]``, 255 = ignore) it returns
     ``{"loss_ce"}`` (plus ``{"loss_aux"}`` when ``aux_head`` is set: an :class:`FCNHead` on ``c4``
     whose loss, weighted by ``aux_weight``, helps train the lower layers; unused at inference).
+    The forward pass is :class:`minis.nn.SemanticModel`'s; a version of DeepLab is its head.
     """
-
-    task = "semantic"
 
     def __init__(self, backbone: nn.Module, head: nn.Module, aux_head: nn.Module | None = None,
                  aux_weight: float = 0.5) -> None:
-        super().__init__()
-        self.normalize = ImageNormalizer()
-        self.backbone = backbone
-        self.head = head
-        self.aux_head = aux_head
-        self.aux_weight = aux_weight
-
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
-        size = images.shape[-2:]
-        features = self.backbone(self.normalize(images))
-        logits = resize_to(self.head(features), size)
-        if not (self.training and targets is not None):
-            return logits
-        aux_logits = None if self.aux_head is None else resize_to(self.aux_head(features["c4"]), size)
-        return semantic_losses(logits, targets, aux_logits, self.aux_weight)
+        super().__init__(backbone, head, aux_head, aux_weight)
 
 
 def deeplab_backbone(name: str, output_stride: int, frozen_bn: bool, pretrained: bool) -> nn.Module:

@@ -31,7 +31,7 @@ from torch import nn
 
 from minis.models import build, register
 from minis.models.porting import register_port
-from minis.nn import FCNHead, ImageNormalizer, bilinear_upsampling, build_backbone, resize_to, semantic_losses
+from minis.nn import FCNHead, SemanticModel, bilinear_upsampling, build_backbone
 from minis.nn.backbones import VGG16
 
 # The skips, from coarse to fine: each is at half the stride of the map before it.
@@ -54,21 +54,20 @@ def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return x[..., : size[0], : size[1]]
 
 
-class FCN(nn.Module):
+class FCN(SemanticModel):
     """Backbone -> class scores on ``c5`` -> fuse skips -> bilinear upsampling to the input size.
 
     ``images [B,3,H,W] in 0..1 -> logits [B,K,H,W]``. ``skips`` is ``()`` (FCN-32s), ``("c4",)``
     (FCN-16s) or ``("c4", "c3")`` (FCN-8s); ``("c4", "c3", "c2")`` continues the idea to stride 4.
     In training mode with ``targets`` (int64 ``[B,H,W]``, 255 = ignore) it returns ``{"loss_ce"}``,
     plus ``{"loss_aux"}`` when ``aux_classifier`` is set (an :class:`FCNHead` on ``c4``, weighted
-    by ``aux_weight``; used in training only).
+    by ``aux_weight``; used in training only). The forward pass is :class:`minis.nn.SemanticModel`'s;
+    FCN's own part is :meth:`scores`.
     """
-
-    task = "semantic"
 
     def __init__(self, backbone: nn.Module, classifier: nn.Module, num_classes: int, skips: Sequence[str] = (),
                  aux_classifier: nn.Module | None = None, aux_weight: float = 0.5) -> None:
-        super().__init__()
+        super().__init__(aux_weight)
         skips = tuple(skips)
         if skips != SKIP_ORDER[: len(skips)]:
             raise ValueError(f"skips must run from coarse to fine without gaps, e.g. ('c4', 'c3'); got {skips}")
@@ -77,15 +76,13 @@ class FCN(nn.Module):
             raise ValueError(f"skips need a backbone at output stride 32 (each skip halves the stride); got "
                              f"output_stride={backbone.output_stride}. FCN-32s at output stride 8 is what "
                              "torchvision calls FCN-ResNet")
-        self.normalize = ImageNormalizer()
         self.backbone = backbone
         self.classifier = classifier  # [B,C5,h,w] -> [B,K,h,w]
         self.skips = skips
         self.skip_classifiers = nn.ModuleDict({name: zero_conv1x1(backbone.channels[name], num_classes)
                                                for name in skips})
         self.upsamplers = nn.ModuleDict({name: bilinear_upsampling(num_classes, 2) for name in skips})
-        self.aux_classifier = aux_classifier
-        self.aux_weight = aux_weight
+        self.aux_classifier = aux_classifier  # torchvision's name for it (its weights load by name)
 
     def scores(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class scores at the finest fused stride: ``[B,K,h,w]`` (stride 32, 16 or 8 for 32s/16s/8s)."""
@@ -96,16 +93,9 @@ class FCN(nn.Module):
             scores = crop_to(upsampled, finer.shape[-2:]) + finer
         return scores
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
-        size = images.shape[-2:]
-        features = self.backbone(self.normalize(images))
-        # The paper's last layer is a transposed convolution fixed to bilinear interpolation:
-        # the same operation as this resize (up to the border, see bilinear_upsampling_weight).
-        logits = resize_to(self.scores(features), size)
-        if not (self.training and targets is not None):
-            return logits
-        aux_logits = None if self.aux_classifier is None else resize_to(self.aux_classifier(features["c4"]), size)
-        return semantic_losses(logits, targets, aux_logits, self.aux_weight)
+    def aux_scores(self, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """torchvision's auxiliary :class:`FCNHead` on ``c4`` (training only): ``[B,K,h4,w4]`` or ``None``."""
+        return None if self.aux_classifier is None else self.aux_classifier(features["c4"])
 
 
 def zero_conv1x1(in_channels: int, num_classes: int) -> nn.Conv2d:

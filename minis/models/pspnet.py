@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from minis.models import register
-from minis.models.deeplab import PooledBatchNorm2d
-from minis.nn import FCNHead, ImageNormalizer, build_backbone, resize_to, semantic_losses
+from minis.nn import BackboneHeadModel, FCNHead, PooledBatchNorm2d, build_backbone, resize_to
 
 
 class PoolingBranch(nn.Module):
@@ -84,32 +83,20 @@ class PSPHead(nn.Module):
         return self.classifier(self.fuse(self.pyramid(x)))
 
 
-class PSPNet(nn.Module):
+class PSPNet(BackboneHeadModel):
     """Semantic segmentation: ``images [B,3,H,W] in 0..1 -> logits [B,K,H,W]``.
 
     In training mode with ``targets`` (int64 ``[B,H,W]``, 255 = ignore) it returns
     ``{"loss_ce"}``, plus ``{"loss_aux"}`` from the auxiliary head on ``c4`` when it has one.
+    The forward pass is :class:`minis.nn.SemanticModel`'s; PSPNet's part is its head on ``c5``.
     """
-
-    task = "semantic"
 
     def __init__(self, backbone: nn.Module, head: PSPHead, aux_head: nn.Module | None = None,
                  aux_weight: float = 0.4) -> None:
-        super().__init__()
-        self.normalize = ImageNormalizer()
-        self.backbone = backbone
-        self.head = head
-        self.aux_head = aux_head
-        self.aux_weight = aux_weight
+        super().__init__(backbone, head, aux_head, aux_weight)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
-        size = images.shape[-2:]
-        features = self.backbone(self.normalize(images))
-        logits = resize_to(self.head(features["c5"]), size)
-        if not (self.training and targets is not None):
-            return logits
-        aux_logits = None if self.aux_head is None else resize_to(self.aux_head(features["c4"]), size)
-        return semantic_losses(logits, targets, aux_logits, self.aux_weight)
+    def scores(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(features["c5"])
 
 
 @register("pspnet")

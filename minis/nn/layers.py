@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # ImageNet statistics: every torchvision backbone was trained on images normalised with them.
@@ -25,6 +26,24 @@ class ImageNormalizer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
+
+
+class PooledBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm for globally pooled ``[B,C,1,1]`` maps that also trains with one image.
+
+    After global pooling each channel holds one number per image, so a training batch of one
+    image has a single value per channel and no variance: :class:`torch.nn.BatchNorm2d` refuses
+    it ("Expected more than 1 value per channel"). With a single value this layer normalises with
+    the running statistics instead (and leaves them unchanged); otherwise it is ordinary batch norm.
+    Same parameters and state-dict keys as :class:`torch.nn.BatchNorm2d`. Used by DeepLab v3's
+    image pooling and PSPNet's pyramid pooling.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, eps=self.eps)
+        return super().forward(x)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:

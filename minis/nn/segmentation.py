@@ -1,16 +1,99 @@
-"""Pieces every semantic segmentation model shares: the FCN-style head, resizing and the loss.
+"""Pieces every semantic segmentation model shares: the forward pass, the FCN-style head, resizing
+and the loss.
 
 They live here once so that each model file (``minis/models/fcn.py``, ``deeplab.py``, ...) shows
-only what is new in its paper.
+only what is new in its paper: :class:`SemanticModel` is the pipeline every one of them runs
+(normalise, features, class scores, bilinear resize to the image, cross-entropy plus an optional
+deep-supervision loss), and a model fills in the steps its paper defines.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = 255  # label of pixels that count neither in the loss nor in the metrics
+from minis.data.coco import IGNORE_INDEX  # label of pixels that count neither in the loss nor in the metrics
+from minis.nn.layers import ImageNormalizer
+
+
+class SemanticModel(nn.Module):
+    """The semantic model contract: ``images [B,3,H,W] in 0..1 -> logits [B,K,H,W]`` in eval mode.
+
+    In training mode with ``targets`` (int64 ``[B,H,W]``, :data:`IGNORE_INDEX` = ignore) the
+    forward pass returns ``{"loss_ce"}`` instead, plus ``{"loss_aux"}`` when the model has a
+    deep-supervision classifier (:meth:`aux_scores`), weighted by ``aux_weight``; the Trainer sums
+    the dict. Every step of :meth:`forward` is a method, and a model overrides the ones its paper
+    changes:
+
+    - :meth:`features`: normalised images -> what the classifiers read (default: ``self.backbone``,
+      whose ``{"c2", ..., "c5"}`` feature maps every ResNet/VGG backbone returns);
+    - :meth:`scores`: features -> class scores ``[B,K,h,w]`` at the model's output stride;
+    - :meth:`aux_scores`: features -> the auxiliary classifier's scores, or ``None`` (default);
+    - :meth:`resize`: scores -> ``[B,K,H,W]`` (default: bilinear, :func:`resize_to`).
+    """
+
+    task = "semantic"
+
+    def __init__(self, aux_weight: float = 0.0) -> None:
+        super().__init__()
+        self.normalize = ImageNormalizer()
+        self.aux_weight = aux_weight
+
+    def features(self, images: torch.Tensor) -> Any:
+        """Normalised ``images [B,3,H,W]`` -> the backbone's feature maps ``{"c2": ..., "c5": ...}``."""
+        return self.backbone(images)
+
+    def scores(self, features: Any) -> torch.Tensor:
+        """Class scores ``[B,K,h,w]`` at the model's output stride."""
+        raise NotImplementedError
+
+    def aux_scores(self, features: Any) -> torch.Tensor | None:
+        """The deep-supervision classifier's scores ``[B,K,h',w']`` (training only), or ``None``."""
+        return None
+
+    def resize(self, scores: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """Scores ``[B,K,h,w]`` -> logits ``[B,K,*size]`` at the input image's size."""
+        return resize_to(scores, size)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
+        size = images.shape[-2:]
+        features = self.features(self.normalize(images))
+        logits = self.resize(self.scores(features), size)
+        if not (self.training and targets is not None):
+            return logits
+        aux_scores = self.aux_scores(features)  # only computed when it is trained
+        aux_logits = None if aux_scores is None else self.resize(aux_scores, size)
+        return self.losses(logits, targets, aux_logits)
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor,
+               aux_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``{"loss_ce"}`` (plus ``{"loss_aux"}``): :func:`semantic_losses` at the input resolution."""
+        return semantic_losses(logits, targets, aux_logits, self.aux_weight)
+
+
+class BackboneHeadModel(SemanticModel):
+    """A backbone, a head on its feature maps, and optionally an auxiliary head on ``c4``.
+
+    ``head`` maps the backbone's feature dict to class scores ``[B,K,h,w]``; ``aux_head`` (usually
+    an :class:`FCNHead`) scores ``c4`` for deep supervision, its loss weighted by ``aux_weight``,
+    and is skipped at inference. DeepLab v1-v3+ and PSPNet are this model with their own heads.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, aux_head: nn.Module | None = None,
+                 aux_weight: float = 0.4) -> None:
+        super().__init__(aux_weight)
+        self.backbone = backbone
+        self.head = head
+        self.aux_head = aux_head
+
+    def scores(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(features)
+
+    def aux_scores(self, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None if self.aux_head is None else self.aux_head(features["c4"])
 
 
 class FCNHead(nn.Sequential):
