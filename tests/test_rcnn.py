@@ -354,3 +354,41 @@ def test_torchvision_twin_of_a_small_minis_model_gives_the_same_detections() -> 
     with torch.no_grad():
         assert_same_detections(ours(images), twin(images))
     assert_same_weights(ours, minis.models.from_torchvision(twin))  # and the round trip
+
+
+def test_box_geometry_stays_float32_under_autocast() -> None:
+    """Anchors, proposals, ground truth and detections are not rounded to bfloat16 / float16."""
+    torch.manual_seed(0)
+    model = minis.models.build("mask_rcnn", num_classes=3, **SMALL).train()
+    gt_boxes = torch.tensor([[10.3, 12.7, 100.1, 60.9], [40.55, 70.15, 120.35, 127.85]])
+    masks = torch.zeros(2, 128, 128, dtype=torch.uint8)
+    masks[0, 13:61, 10:100], masks[1, 70:128, 41:120] = 1, 1
+    target = {"boxes": gt_boxes, "labels": torch.tensor([1, 2]), "masks": masks}
+    seen = {}
+
+    def spy(proposals, targets):
+        samples = type(model).sample_proposals(model, proposals, targets)
+        seen["targets"], seen["samples"] = targets, samples
+        return samples
+
+    model.sample_proposals = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model([torch.rand(3, 128, 128)], [target])
+        anchors = model.rpn.anchor_generator(*_batch_and_features(model))
+    assert anchors[0].dtype == torch.float32
+    resized_gt = seen["targets"][0]["boxes"]
+    proposals = seen["samples"].proposals[0]
+    assert proposals.dtype == torch.float32
+    # the ground-truth boxes joined the proposals exactly, so each positive gt-proposal has zero targets
+    is_gt = (proposals[:, None, :] == resized_gt[None]).all(-1).any(-1)
+    assert is_gt.any()
+    assert torch.equal(seen["samples"].regression_targets[0][is_gt], torch.zeros(int(is_gt.sum()), 4))
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        detections = model([torch.rand(3, 128, 128)])[0]
+    assert detections["boxes"].dtype == torch.float32
+
+
+def _batch_and_features(model):
+    batch, _ = model.transform([torch.rand(3, 128, 128)])
+    return batch, model.backbone(batch.tensors)

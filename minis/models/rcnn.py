@@ -46,6 +46,7 @@ from minis.nn.detection import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Detecti
                                 match_boxes, sample_balanced, training_targets)
 from minis.nn.fpn import BackboneFPN, backbone_fpn
 from minis.ops import AnchorGenerator, BoxCoder, box_iou, clip_boxes_to_image, multiscale_roi_align, remove_small_boxes
+from minis.ops.masks import chunk_slices
 
 
 @dataclass
@@ -157,8 +158,9 @@ class RegionProposalNetwork(nn.Module):
         anchors_per_level = [o[0].numel() for o in objectness_maps]
         objectness = flatten_anchor_maps(objectness_maps, 1).flatten(1)  # [B,N]
         deltas = flatten_anchor_maps(delta_maps, 4).reshape(-1, 4)  # [B*N,4]
-        # proposals are inputs to stage two, not something to backpropagate into
-        proposals = self.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        # proposals are inputs to stage two, not something to backpropagate into; decoded in the
+        # anchors' float32 even when autocast computed the deltas in float16
+        proposals = self.box_coder.decode(deltas.detach().to(anchors[0].dtype), anchors).view(len(anchors), -1, 4)
         boxes = self.select_proposals(proposals, objectness.detach(), batch.image_sizes, anchors_per_level)
         if not self.training:
             return boxes, {}
@@ -283,6 +285,16 @@ def fast_rcnn_loss(class_logits: torch.Tensor, box_regression: torch.Tensor, lab
     return {"loss_classifier": classification_loss, "loss_box_reg": box_loss}
 
 
+def with_ground_truth(proposals: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+    """``[P+G,4]``: the proposals followed by the ground-truth boxes, in the wider of their two dtypes.
+
+    The ground truth is never rounded to the proposals' precision (float16 under autocast, were
+    they decoded from float16 deltas): a box off by half a pixel is a worse target.
+    """
+    dtype = torch.promote_types(proposals.dtype, gt_boxes.dtype)
+    return torch.cat([proposals.to(dtype), gt_boxes.to(dtype)])
+
+
 class FasterRCNN(nn.Module):
     """``model(images: list[[3,H,W]] in 0..1, targets=None)``: losses in training, detections in eval.
 
@@ -355,7 +367,7 @@ class FasterRCNN(nn.Module):
         useful, and the box head still gets perfect positives to learn from.
         """
         cfg = self.config
-        proposals = [torch.cat([p, t["boxes"].to(p.dtype)]) for p, t in zip(proposals, targets)]
+        proposals = [with_ground_truth(p, t["boxes"]) for p, t in zip(proposals, targets)]
         labels, matched = [], []
         for image_proposals, target in zip(proposals, targets):
             if target["boxes"].numel() == 0:
@@ -389,7 +401,8 @@ class FasterRCNN(nn.Module):
         """
         cfg = self.config
         counts = [len(p) for p in proposals]
-        boxes_all = self.box_coder.decode(box_regression, proposals).split(counts)  # [K_i,classes,4]
+        # decoded in the proposals' precision (float32), not in the head's float16 under autocast
+        boxes_all = self.box_coder.decode(box_regression.to(proposals[0].dtype), proposals).split(counts)  # [K_i,classes,4]
         scores_all = F.softmax(class_logits, -1).split(counts)
         detections = []
         for boxes, scores, size in zip(boxes_all, scores_all, image_sizes):
@@ -555,18 +568,31 @@ def gt_area_inside_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched: t
     The mask target only shows the object inside the proposal; dividing by this fraction gives
     the whole object's area in the target's units, so that a mask that misses a part of the
     object cut off by the box is still penalised.
+
+    Memory: the integral images are exact int32 counts, built only for the objects some box is
+    matched to, a chunk of objects at a time (``minis.ops.masks.chunk_slices``): ``G`` float
+    images of a large photo would take gigabytes.
     """
-    masks = gt_masks.to(torch.float32)  # [G,H,W]
-    integral = F.pad(masks.cumsum(1).cumsum(2), (1, 0, 1, 0))  # [G,H+1,W+1]: sum over [0,y) x [0,x)
-    height, width = masks.shape[-2:]
+    height, width = gt_masks.shape[-2:]
     # whole pixels whose centre lies in the box, as the projected target counts them
     x1 = (boxes[:, 0] - 0.5).ceil().clamp(0, width).long()
     y1 = (boxes[:, 1] - 0.5).ceil().clamp(0, height).long()
     x2 = (boxes[:, 2] - 0.5).ceil().clamp(0, width).long().maximum(x1)
     y2 = (boxes[:, 3] - 0.5).ceil().clamp(0, height).long().maximum(y1)
-    g = matched
-    inside = integral[g, y2, x2] - integral[g, y1, x2] - integral[g, y2, x1] + integral[g, y1, x1]
-    total = integral[g, -1, -1]
+    inside = torch.zeros(len(matched), dtype=torch.float32, device=boxes.device)
+    total = torch.zeros_like(inside)
+    objects = matched.unique()  # sorted
+    for part in chunk_slices(len(objects), height + 1, width + 1):
+        chunk = objects[part]
+        integral = gt_masks.new_zeros(len(chunk), height + 1, width + 1, dtype=torch.int32)
+        torch.cumsum(gt_masks[chunk], 1, dtype=torch.int32, out=integral[:, 1:, 1:])
+        integral[:, 1:, 1:].cumsum_(2)  # integral[g, y, x]: pixels of object g in [0,y) x [0,x)
+        pairs = torch.nonzero(torch.isin(matched, chunk)).squeeze(1)
+        g = torch.searchsorted(chunk, matched[pairs])  # each pair's object within the chunk
+        corners = (integral[g, y2[pairs], x2[pairs]] - integral[g, y1[pairs], x2[pairs]]
+                   - integral[g, y2[pairs], x1[pairs]] + integral[g, y1[pairs], x1[pairs]])
+        inside[pairs] = corners.float()
+        total[pairs] = integral[g, -1, -1].float()
     return inside / total.clamp(min=1)
 
 

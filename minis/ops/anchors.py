@@ -72,7 +72,10 @@ class AnchorGenerator(nn.Module):
         if len(feature_maps) != len(self.sizes):
             raise ValueError(f"{len(feature_maps)} feature maps for {len(self.sizes)} levels of anchor sizes")
         image_height, image_width = image_list.tensors.shape[-2:]
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        # Coordinates stay in float32 (or float64) when the features are float16/bfloat16 under
+        # autocast: in bfloat16 a coordinate near 800 px would be rounded to a multiple of 4.
+        dtype = torch.promote_types(feature_maps[0].dtype, torch.float32)
+        device = feature_maps[0].device
         levels = []
         for feature_map, sizes, ratios in zip(feature_maps, self.sizes, self.aspect_ratios):
             grid = feature_map.shape[-2:]
