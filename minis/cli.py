@@ -14,6 +14,7 @@
     python -m minis bench ms-rcnn --seeds 0 1 2                 # Mask R-CNN against Mask Scoring R-CNN, same recipe
     python -m minis bench fcos-training                         # minis and torchvision FCOS trained alike
     python -m minis bench condinst                              # CondInst vs FCOS vs Mask R-CNN; cost per instance
+    python -m minis bench gpu                                   # every model trained and run on CUDA, checked
 
 ``train`` also runs under ``torchrun --nproc_per_node N -m minis train ...`` (one process per
 GPU, or N CPU processes). Mistakes in a command (unknown model, missing data or checkpoint) are
@@ -282,136 +283,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish_bench(rows: dict, json_path: str | None) -> int:
-    """Print the machine note under the tables and, when asked, write rows and note as JSON."""
-    import json
-
-    from minis import bench
-
-    note = bench.machine_note()
-    print(f"\n{note}")
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({**rows, "machine": note}, indent=2) + "\n", encoding="utf-8")
-        print(f"rows written to {json_path}")
-    return 0
-
-
-def cmd_bench_semantic(args: argparse.Namespace) -> int:
-    from minis import bench
-
-    rows: dict[str, list] = {"semantic": [], "ports": []}
-    if not args.ports_only:
-        options = {name: getattr(args, name) for name in ("epochs", "num_train", "num_val", "image_size")
-                   if getattr(args, name) is not None}
-        try:
-            models = bench.resolve_models(args.models)
-        except (ValueError, TypeError) as error:  # an unknown or instance model
-            raise UserError(str(error)) from error
-        try:
-            rows["semantic"] = bench.bench_semantic(args.root, models, device=args.device, **options)
-        except (ValueError, FileExistsError) as error:  # data of other settings in --root, --epochs 0, ...
-            raise UserError(str(error)) from error
-        print(f"\nsemantic models on the shapes benchmark ({args.root}):")
-        print(bench.format_table(rows["semantic"], bench.SEMANTIC_COLUMNS))
-    if not args.no_ports:
-        try:
-            rows["ports"] = bench.bench_ports(args.port_models or bench.PORTED_MODELS, sizes=args.port_sizes,
-                                              runs=args.port_runs)
-        except ValueError as error:  # a model without a port
-            raise UserError(str(error)) from error
-        print("\nCPU inference, minis against torchvision with the same weights (ratio = minis / torchvision):")
-        print(bench.format_table(rows["ports"], bench.PORT_COLUMNS))
-    return _finish_bench(rows, args.json)
-
-
-def cmd_bench_rcnn(args: argparse.Namespace) -> int:
-    from minis import bench
-
-    # refuse a mistake in the second table now, not after minutes of the first
-    unknown = [op for op in args.ops or [] if op not in bench.OP_SIZES]
-    if unknown and not args.no_ops:
-        raise UserError(f"unknown op {unknown[0]!r}; choose from {', '.join(bench.OP_SIZES)}")
-    for option, runs in (("--runs", args.runs), ("--op-runs", args.op_runs)):
-        if runs < 1:
-            raise UserError(f"{option} must be at least 1, got {runs}")
-    rows: dict[str, list] = {"rcnn": [], "ops": []}
-    if not args.ops_only:
-        try:
-            rows["rcnn"] = bench.bench_rcnn(args.models, image_size=tuple(args.image_size), min_size=args.min_size,
-                                            max_size=args.max_size, runs=args.runs, train=not args.no_train)
-        except ValueError as error:  # a model without a port
-            raise UserError(str(error)) from error
-        print("\nR-CNN on the CPU, minis against torchvision with the same weights (ratio = minis / torchvision):")
-        print(bench.format_table(rows["rcnn"], bench.RCNN_COLUMNS))
-    if not args.no_ops:
-        rows["ops"] = bench.bench_ops(args.ops, runs=args.op_runs)
-        print("\nminis.ops (plain PyTorch) against torchvision's kernels, same inputs (ratio = minis / torchvision):")
-        print(bench.format_table(rows["ops"], bench.OP_COLUMNS))
-    return _finish_bench(rows, args.json)
-
-
-def _recipe_overrides(args: argparse.Namespace) -> dict:
-    """The training-recipe options given on the command line (the rest stay the recipe's)."""
-    return {name: getattr(args, name) for name in ("epochs", "lr") if getattr(args, name) is not None}
-
-
-def cmd_bench_rcnn_training(args: argparse.Namespace) -> int:
-    return _bench_twin_training(args, "mask_rcnn", "Mask R-CNN", "mask_AP")
-
-
-def cmd_bench_fcos_training(args: argparse.Namespace) -> int:
-    return _bench_twin_training(args, "fcos", "FCOS", "box_AP")
-
-
-def _bench_twin_training(args: argparse.Namespace, name: str, title: str, metric: str) -> int:
-    from minis import bench
-
-    try:
-        rows = bench.bench_twin_training(name, args.root, train_config=_recipe_overrides(args), seed=args.seed,
-                                         device=args.device)
-    except (ValueError, FileExistsError) as error:
-        raise UserError(str(error)) from error
-    print(f"\n{title} trained by the minis Trainer on {args.root}, minis against torchvision (same start, same recipe):")
-    print(bench.format_table(rows, bench.RCNN_TRAINING_COLUMNS))
-    gap = abs(rows[0][metric] - rows[1][metric])
-    label = metric.replace("_AP", " AP")
-    print(f"{label} gap: {gap:.4f}")
-    return _finish_bench({"rows": rows, f"{metric}_gap": gap}, args.json)
-
-
-def cmd_bench_condinst(args: argparse.Namespace) -> int:
-    from minis import bench
-
-    if args.runs < 1:
-        raise UserError(f"--runs must be at least 1, got {args.runs}")
-    if min(args.instances) < 1:
-        raise UserError(f"--instances must be at least 1, got {min(args.instances)}")
-    rows = bench.bench_condinst(image_size=tuple(args.image_size), min_size=args.min_size, max_size=args.max_size,
-                                instances=args.instances, detections=args.detections, runs=args.runs)
-    print("\nminis CondInst, FCOS and Mask R-CNN (ResNet-50-FPN, same backbone weights) on the CPU:")
-    print(bench.format_table(rows["models"], bench.CONDINST_COLUMNS))
-    print("\ninference time as the number of detections grows (each divided by its time with the fewest):")
-    print(bench.format_table(rows["instances"], bench.INSTANCE_COLUMNS))
-    return _finish_bench(rows, args.json)
-
-
-def cmd_bench_ms_rcnn(args: argparse.Namespace) -> int:
-    from minis import bench
-
-    try:
-        rows = bench.bench_mask_scoring(args.root, seeds=args.seeds, train_config=_recipe_overrides(args),
-                                        device=args.device)
-    except (ValueError, FileExistsError) as error:
-        raise UserError(str(error)) from error
-    print(f"\nMask R-CNN and Mask Scoring R-CNN trained alike on {args.root} (same settings, recipe and seed):")
-    print(bench.format_table(rows, bench.MASK_SCORING_COLUMNS))
-    means = bench.mask_scoring_means(rows)
-    print("\nmask AP over the seeds:")
-    print(bench.format_table(means, ["model", "ranking", ("seeds", "d"), ("mask_AP_mean", ".4f"), ("mask_AP_std", ".4f")]))
-    return _finish_bench({"rows": rows, "means": means}, args.json)
-
-
 # --------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------
@@ -487,67 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=cmd_predict)
 
     bench = commands.add_parser("bench", help="compare models: size, speed and accuracy in one table")
-    suites = bench.add_subparsers(dest="suite", required=True,
-                                  metavar="{semantic,rcnn,rcnn-training,ms-rcnn,fcos-training,condinst}")
-    semantic = suites.add_parser("semantic", help="train every semantic model on shapes; minis vs torchvision speed")
-    semantic.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
-    semantic.add_argument("--models", nargs="+", metavar="MODEL", help="default: all of minis.bench.SEMANTIC_MODELS")
-    semantic.add_argument("--epochs", type=int, help="training epochs per model (default: bench_semantic's)")
-    semantic.add_argument("--num-train", type=int, help="training images")
-    semantic.add_argument("--num-val", type=int, help="validation images")
-    semantic.add_argument("--image-size", type=int, help="side of the benchmark images (default 128)")
-    semantic.add_argument("--device", default="cpu", help="where the models train (inference is timed on the CPU)")
-    ports = semantic.add_mutually_exclusive_group()
-    ports.add_argument("--no-ports", action="store_true", help="skip the minis vs torchvision timing")
-    ports.add_argument("--ports-only", action="store_true", help="only the minis vs torchvision timing")
-    semantic.add_argument("--port-models", nargs="+", metavar="TV_MODEL",
-                          help="torchvision models to time (default: all of minis.bench.PORTED_MODELS)")
-    semantic.add_argument("--port-sizes", type=int, nargs="+", default=[256], metavar="SIZE",
-                          help="input sides for the port timing (default: 256)")
-    semantic.add_argument("--port-runs", type=int, default=7, help="timed forward passes per port (median)")
-    semantic.add_argument("--json", metavar="OUT", help="also write every row to this JSON file")
-    semantic.set_defaults(handler=cmd_bench_semantic)
-    rcnn = suites.add_parser("rcnn", help="Mask R-CNN (or FCOS) and minis.ops against torchvision: speed and agreement")
-    rcnn.add_argument("--models", nargs="+", default=["maskrcnn_resnet50_fpn"], metavar="TV_MODEL",
-                      help="maskrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn, fcos_resnet50_fpn (default: the first)")
-    rcnn.add_argument("--runs", type=int, default=4, help="timed rounds per model and step (median; the order flips each round, so even is fairer; default 4)")
-    rcnn.add_argument("--min-size", type=int, default=800, help="short side the models resize to (default 800)")
-    rcnn.add_argument("--max-size", type=int, default=1333, help="long side at most (default 1333)")
-    rcnn.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"),
-                      help="the random input images (default 480 640)")
-    rcnn.add_argument("--no-train", action="store_true", help="time inference only, not the training step")
-    op_choice = rcnn.add_mutually_exclusive_group()
-    op_choice.add_argument("--no-ops", action="store_true", help="skip the minis.ops table")
-    op_choice.add_argument("--ops-only", action="store_true", help="only the minis.ops table")
-    rcnn.add_argument("--ops", nargs="+", metavar="OP", help="default: all of minis.bench.OP_SIZES")
-    rcnn.add_argument("--op-runs", type=int, default=5, help="timed calls per op (median; default 5)")
-    rcnn.add_argument("--json", metavar="OUT", help="also write every row to this JSON file")
-    rcnn.set_defaults(handler=cmd_bench_rcnn)
-    training = suites.add_parser("rcnn-training", help="train minis' and torchvision's Mask R-CNN alike; AP of each")
-    training.add_argument("--seed", type=int, default=0)
-    training.set_defaults(handler=cmd_bench_rcnn_training)
-    scoring = suites.add_parser("ms-rcnn", help="train Mask R-CNN and Mask Scoring R-CNN alike; mask AP of each")
-    scoring.add_argument("--seeds", type=int, nargs="+", default=[0], help="one pair of runs per seed (default: 0)")
-    scoring.set_defaults(handler=cmd_bench_ms_rcnn)
-    fcos_training = suites.add_parser("fcos-training", help="train minis' and torchvision's FCOS alike; box AP of each")
-    fcos_training.add_argument("--seed", type=int, default=0)
-    fcos_training.set_defaults(handler=cmd_bench_fcos_training)
-    for suite in (training, scoring, fcos_training):  # all train detectors on shapes with the chapters' recipe
-        suite.add_argument("--root", default="data/shapes_semantic", help="benchmark data (generated when missing)")
-        suite.add_argument("--epochs", type=int, help="default: minis.bench.RCNN_TRAINING_CONFIG (the chapters')")
-        suite.add_argument("--lr", type=float)
-        suite.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
-        suite.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
-    condinst = suites.add_parser("condinst", help="CondInst against FCOS and Mask R-CNN on the CPU; cost per instance")
-    condinst.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
-    condinst.add_argument("--min-size", type=int, default=512, help="short side the models resize to (default 512)")
-    condinst.add_argument("--max-size", type=int, default=853)
-    condinst.add_argument("--instances", type=int, nargs="+", default=[1, 10, 25, 50],
-                          help="detection counts to time inference with (default 1 10 25 50)")
-    condinst.add_argument("--detections", type=int, default=50, help="detections in the model table (default 50)")
-    condinst.add_argument("--runs", type=int, default=3, help="timed rounds (median; default 3)")
-    condinst.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
-    condinst.set_defaults(handler=cmd_bench_condinst)
+    from minis.bench import add_parsers as add_bench_suites  # each suite module wires its own sub-command
+
+    add_bench_suites(bench)
     return parser
 
 

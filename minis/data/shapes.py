@@ -16,10 +16,11 @@ CPU in minutes and still has the things that make segmentation hard:
   COCO file and not in the label image, so the three always agree;
 - **images without objects** (about 5%), which detectors must learn to leave empty.
 
-The semantic-segmentation chapters use an easier variant, ``make_shapes(root, textures=False,
-size_range=..., max_objects=2)``: plain backgrounds, unstriped objects and fewer, larger shapes,
-so that an architecture's differences (how sharp its boundaries are) show after a CPU minute of
-training instead of being buried under the time it takes to learn the textures.
+The semantic-segmentation chapters use an easier variant, ``make_shapes(root, **SEMANTIC_SHAPES)``
+(``textures=False``, ``size_range=(0.3, 0.55)``, ``max_objects=2``): plain backgrounds, unstriped
+objects and fewer, larger shapes, so that an architecture's differences (how sharp its boundaries
+are) show after a CPU minute of training instead of being buried under the time it takes to learn
+the textures.
 
 It is generated deterministically from a seed: the same seed and parameters give byte-identical
 files on the same library versions. The layout is the one the COCO tools expect::
@@ -69,6 +70,11 @@ SIZE_RANGE = (0.09, 0.45)
 STRIPED_OBJECT_PROBABILITY = 0.25  # some objects carry stripes, like some backgrounds do
 BORROWED_COLOUR_PROBABILITY = 0.6  # background reuses an object's colour this often
 PIXEL_NOISE_STD = 0.04  # sensor-like noise over the whole image, in 0..1 intensity units
+
+# The chapters' plain variant (``make_shapes(root, **SEMANTIC_SHAPES)``), named after the semantic
+# chapters that introduced it; the instance chapters and the benchmarks use it too: plain colours
+# and one or two large objects per image, which the small models learn in a few CPU minutes.
+SEMANTIC_SHAPES: dict = {"size_range": (0.3, 0.55), "max_objects": 2, "textures": False}
 
 _PNG_OPTIONS = {"format": "PNG", "compress_level": 6, "optimize": False}  # fixed: same bytes every run
 _MARKER = ".generating"

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minis.models import register
+from minis.models.fcos import SHAPES_RECIPE as FCOS_SHAPES_RECIPE
 from minis.models.fcos import (FCOS, FCOSConfig, HeadOutputs, Locations, build_fcos_backbone,
                                first_object_index, make_locations)
 from minis.nn.detection import ImageBatch, resize_boxes
@@ -288,6 +289,8 @@ def pad_to(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # with a lighter mask branch (64 channels, two convolutions).
 SHAPES_SETTINGS: dict = {"backbone": "small", "fpn_channels": 64, "min_size": 128, "max_size": 256, "head_convs": 2,
                          "score_thresh": 0.05, "mask_branch_channels": 64, "mask_branch_convs": 2}
+# The training recipe: FCOS's, which is Mask R-CNN's (rcnn.SHAPES_RECIPE): one budget for the three.
+SHAPES_RECIPE: dict = FCOS_SHAPES_RECIPE
 
 
 @register("condinst")

@@ -48,6 +48,7 @@ from minis.models import register
 from minis.models.porting import (backbone_fpn_from_torchvision, load_into_twin, register_port, rename_keys,
                                   torchvision_backbone_with_fpn)
 from minis.models.rcnn import SHAPES_RECIPE as RCNN_SHAPES_RECIPE
+from minis.models.rcnn import SHAPES_RECIPE as RCNN_SHAPES_RECIPE
 from minis.nn.detection import DetectionTransform, ImageBatch, training_targets
 from minis.nn.fpn import BackboneFPN, backbone_fpn
 from minis.nn.losses import giou_loss, iou_loss, sigmoid_focal_loss
@@ -395,6 +396,8 @@ class FCOS(nn.Module):
 # ranked list.
 SHAPES_SETTINGS: dict = {"backbone": "small", "fpn_channels": 64, "min_size": 128, "max_size": 256, "head_convs": 2,
                          "score_thresh": 0.05}
+# The training recipe: Mask R-CNN's (rcnn.SHAPES_RECIPE), so that the chapters compare the two on one budget.
+SHAPES_RECIPE: dict = RCNN_SHAPES_RECIPE
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,167 @@
+"""``python -m minis bench condinst``: CondInst's CPU cost against FCOS alone and Mask R-CNN, and as
+the instances grow.
+
+>>> rows = bench_condinst(min_size=320, runs=1)
+>>> print(format_table(rows["models"], CONDINST_COLUMNS))
+>>> print(format_table(rows["instances"], INSTANCE_COLUMNS))
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from minis.bench.common import add_json_option, finish, format_table, interleaved_median_ms, random_targets, shape_text
+from minis.cli import UserError
+
+CONDINST_COLUMNS = [("model", ""), ("step", ""), ("input", ""), ("ms", ".0f"), ("vs_fcos", ".2f"),
+                    ("vs_mask_rcnn", ".2f")]
+INSTANCE_COLUMNS = [("instances", "d"), ("condinst_ms", ".0f"), ("condinst_vs_1", ".2f"), ("mask_rcnn_ms", ".0f"),
+                    ("mask_rcnn_vs_1", ".2f")]
+
+
+def _one_stage_and_two_stage(num_classes: int, seed: int, min_size: int, max_size: int) -> dict[str, nn.Module]:
+    """minis ``fcos``, ``condinst`` and ``mask_rcnn`` on one ResNet-50 body (same random weights), in eval mode.
+
+    Every score threshold is 0, so that the number of detections is set by ``detections_per_img``
+    (``box_detections_per_img`` for Mask R-CNN) alone.
+    """
+    import minis.models
+
+    torch.manual_seed(seed)
+    sizes = {"min_size": min_size, "max_size": max_size}
+    models = {"fcos": minis.models.build("fcos", num_classes, **sizes, score_thresh=0.0),
+              "condinst": minis.models.build("condinst", num_classes, **sizes, score_thresh=0.0),
+              "mask_rcnn": minis.models.build("mask_rcnn", num_classes, **sizes, box_score_thresh=0.0)}
+    body = models["mask_rcnn"].backbone.body.state_dict()
+    for model in models.values():
+        model.backbone.body.load_state_dict(body)
+    return models
+
+
+def _set_detections(model: nn.Module, count: int) -> None:
+    if hasattr(model.config, "box_detections_per_img"):
+        model.config.box_detections_per_img = count
+    else:
+        model.config.detections_per_img = count
+
+
+def bench_condinst(
+    *,
+    image_size: tuple[int, int] = (480, 640),
+    min_size: int = 512,
+    max_size: int = 853,
+    instances: Sequence[int] = (1, 10, 25, 50),
+    detections: int = 50,
+    runs: int = 3,
+    num_classes: int = 81,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
+    """CondInst's CPU cost against FCOS alone and against Mask R-CNN, and as the instances grow, in one run.
+
+    The three minis models share a ResNet-50 body with the same random weights and resize a
+    random ``image_size`` image to ``min_size``. Two tables:
+
+    - ``models``: inference with ``detections`` instances per image (every score threshold 0,
+      so the count is exact), and a training step (forward and backward) on two images with four
+      random objects each; ``vs_fcos`` and ``vs_mask_rcnn`` divide each time by those models';
+    - ``instances``: CondInst and Mask R-CNN inference with each count of ``instances``
+      detections, and each time divided by the one with the fewest. CondInst runs its tiny
+      dynamic heads on one shared map, Mask R-CNN its mask head on one RoI per instance, and
+      both paste or upsample one mask per instance to the image.
+
+    The calls alternate (:func:`interleaved_median_ms`); medians of ``runs`` rounds.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    models = _one_stage_and_two_stage(num_classes, seed, min_size, max_size)
+    image_size = (int(image_size[0]), int(image_size[1]))
+    image = [torch.rand(3, *image_size, generator=torch.Generator().manual_seed(seed))]
+    resized = models["fcos"].transform(image)[0].image_sizes[0]
+
+    def infer(model: nn.Module, count: int) -> Callable[[], Any]:
+        def call() -> Any:
+            _set_detections(model, count)
+            with torch.no_grad():
+                return model(image)
+        return call
+
+    if progress:
+        print(f"timing inference with {detections} detections at min_size {min_size}", flush=True)
+    names = list(models)
+    for model in models.values():
+        model.eval()
+    inference = dict(zip(names, interleaved_median_ms([infer(models[n], detections) for n in names], runs)))
+    generator = torch.Generator().manual_seed(seed + 1)
+    images = [torch.rand(3, *image_size, generator=generator) for _ in range(2)]
+    targets = random_targets(2, image_size, num_classes, 4, generator, with_masks=True)
+
+    def train_step(model: nn.Module) -> Callable[[], Any]:
+        def call() -> Any:
+            model.zero_grad(set_to_none=True)
+            losses = model(images, [dict(target) for target in targets])
+            sum(losses.values()).backward()
+        return call
+
+    if progress:
+        print("timing a training step", flush=True)
+    for model in models.values():
+        model.train()
+    training = dict(zip(names, interleaved_median_ms([train_step(models[n]) for n in names], runs)))
+    rows = []
+    for step, times, batch in (("inference", inference, 1), ("train step", training, 2)):
+        for name in names:
+            rows.append({"model": name, "step": step, "input": shape_text(batch, image_size, resized),
+                         "ms": times[name], "vs_fcos": times[name] / times["fcos"],
+                         "vs_mask_rcnn": times[name] / times["mask_rcnn"]})
+
+    if progress:
+        print(f"timing inference with {', '.join(map(str, instances))} detections", flush=True)
+    for model in models.values():
+        model.eval()
+    counts = sorted(instances)
+    calls = [infer(models[name], count) for count in counts for name in ("condinst", "mask_rcnn")]
+    times = interleaved_median_ms(calls, runs)
+    scaling = []
+    for index, count in enumerate(counts):
+        condinst_ms, mask_rcnn_ms = times[2 * index], times[2 * index + 1]
+        scaling.append({"instances": count, "condinst_ms": condinst_ms, "condinst_vs_1": condinst_ms / times[0],
+                        "mask_rcnn_ms": mask_rcnn_ms, "mask_rcnn_vs_1": mask_rcnn_ms / times[1]})
+    return {"models": rows, "instances": scaling}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_parser(suites: argparse._SubParsersAction) -> None:
+    """``bench condinst`` and its options."""
+    parser = suites.add_parser("condinst", help="CondInst against FCOS and Mask R-CNN on the CPU; cost per instance")
+    parser.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
+    parser.add_argument("--min-size", type=int, default=512, help="short side the models resize to (default 512)")
+    parser.add_argument("--max-size", type=int, default=853)
+    parser.add_argument("--instances", type=int, nargs="+", default=[1, 10, 25, 50],
+                        help="detection counts to time inference with (default 1 10 25 50)")
+    parser.add_argument("--detections", type=int, default=50, help="detections in the model table (default 50)")
+    parser.add_argument("--runs", type=int, default=3, help="timed rounds (median; default 3)")
+    add_json_option(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.runs < 1:
+        raise UserError(f"--runs must be at least 1, got {args.runs}")
+    if min(args.instances) < 1:
+        raise UserError(f"--instances must be at least 1, got {min(args.instances)}")
+    rows = bench_condinst(image_size=tuple(args.image_size), min_size=args.min_size, max_size=args.max_size,
+                          instances=args.instances, detections=args.detections, runs=args.runs)
+    print("\nminis CondInst, FCOS and Mask R-CNN (ResNet-50-FPN, same backbone weights) on the CPU:")
+    print(format_table(rows["models"], CONDINST_COLUMNS))
+    print("\ninference time as the number of detections grows (each divided by its time with the fewest):")
+    print(format_table(rows["instances"], INSTANCE_COLUMNS))
+    return finish(rows, args.json)
