@@ -27,9 +27,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from minis.ops.masks import chunk_slices, encode_rle
 
 # Order of COCOeval.stats after summarize() for boxes and masks.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -58,7 +59,11 @@ def _prediction_frame(prediction: Mapping[str, Any], image_hw: tuple[int, int]) 
     if "image_size" in prediction:
         h, w = (int(v) for v in prediction["image_size"])
         return h, w
-    if "masks" in prediction:
+    if "masks" in prediction and _is_rle_list(prediction["masks"]):
+        if len(prediction["masks"]):
+            h, w = prediction["masks"][0]["size"]
+            return int(h), int(w)
+    elif "masks" in prediction:
         h, w = np.shape(prediction["masks"])[-2:]
         return int(h), int(w)
     canvas_size = getattr(prediction.get("boxes"), "canvas_size", None)
@@ -90,24 +95,43 @@ def _coco_category_ids(labels: torch.Tensor, table: torch.Tensor, image_id: int)
     return table[labels].tolist()
 
 
+def _is_rle_list(masks: Any) -> bool:
+    """Whether ``masks`` is a list of COCO RLEs (what models return inside ``minis.ops.masks.rle_masks``)."""
+    return isinstance(masks, (list, tuple)) and all(isinstance(m, Mapping) for m in masks)
+
+
 def _encode_masks(masks: torch.Tensor, image_hw: tuple[int, int], threshold: float) -> list[dict]:
     """Threshold masks [N,H',W'] (probabilities or 0/1) at the original size and RLE-encode them.
 
     Masks predicted on a resized image are resized to ``image_hw`` *before* thresholding, with
     bilinear interpolation of the probabilities: thresholding first and resizing a binary mask
-    would give blocky edges.
+    would give blocky edges. A chunk of masks at a time (:func:`minis.ops.masks.chunk_slices`), so
+    that the resized float copies and binary masks of a large image never exist all at once.
     """
     if masks.dtype == torch.bool:
         masks = masks.to(torch.uint8)
-    if tuple(masks.shape[-2:]) != tuple(image_hw):
-        masks = masks[:, None].float()
-        masks = F.interpolate(masks, size=image_hw, mode="bilinear", align_corners=False)[:, 0]
-    binary = (masks > threshold).to("cpu", torch.uint8).numpy()
-    # pycocotools wants one Fortran-ordered uint8 array [H, W, N] and encodes all N at once.
-    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")  # bytes -> str, so the results are JSON-able
+    rles: list[dict] = []
+    for part in chunk_slices(len(masks), *image_hw):
+        chunk = masks[part]
+        if tuple(chunk.shape[-2:]) != tuple(image_hw):
+            chunk = F.interpolate(chunk[:, None].float(), size=image_hw, mode="bilinear", align_corners=False)[:, 0]
+        rles += encode_rle(chunk > threshold)  # counts as str, so the results are JSON-able
     return rles
+
+
+def _checked_rles(rles: Sequence[Mapping], image_hw: tuple[int, int], image_id: int) -> list[dict]:
+    """RLE masks given by the model, checked to be at the image's size; ``counts`` as ``str``."""
+    checked = []
+    for rle in rles:
+        if tuple(int(v) for v in rle["size"]) != tuple(image_hw):
+            raise ValueError(
+                f"image id {image_id}: an RLE mask of size {list(rle['size'])} for an image of size "
+                f"{list(image_hw)}; RLE masks must be at the original image size"
+            )
+        counts = rle["counts"]
+        checked.append({"size": [int(v) for v in rle["size"]],
+                        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts})
+    return checked
 
 
 def _image_results(
@@ -156,7 +180,12 @@ def _image_results(
             raise ValueError(f"image id {image_id}: {n} boxes but {len(mask_scores)} mask_scores")
         for result, mask_score in zip(results, mask_scores.tolist()):
             result["mask_score"] = mask_score
-    if "masks" in prediction:
+    if "masks" in prediction and _is_rle_list(prediction["masks"]):
+        if len(prediction["masks"]) != n:
+            raise ValueError(f"image id {image_id}: {n} boxes but {len(prediction['masks'])} RLE masks")
+        for result, rle in zip(results, _checked_rles(prediction["masks"], image_hw, image_id)):
+            result["segmentation"] = rle
+    elif "masks" in prediction:
         masks = _as_tensor(prediction["masks"])
         if masks.dim() == 4 and masks.shape[1] == 1:  # [N, 1, H, W] like torchvision -> [N, H, W]
             masks = masks[:, 0]
@@ -179,7 +208,9 @@ def predictions_to_coco_results(
         dataset: has ``coco`` (ground-truth ``COCO``), ``ids`` and ``label_to_cat_id``.
         predictions: image id -> the model's output for that image: ``boxes`` [N,4] xyxy in
             pixels, ``labels`` [N] contiguous 1..K, ``scores`` [N] and optionally ``masks``
-            [N,1,H,W] or [N,H,W] (probabilities, or 0/1 / bool) and ``mask_scores`` [N]
+            [N,1,H,W] or [N,H,W] (probabilities, or 0/1 / bool) or a list of N COCO RLEs at the
+            image's original size (already binary, so ``mask_threshold`` does not apply: what
+            models return inside :func:`minis.ops.masks.rle_masks`), and ``mask_scores`` [N]
             (a model that re-scores its masks: they rank the masks for ``segm``, while
             ``scores`` rank the boxes). Tensors on any device, numpy
             arrays or lists. Image ids may be ints or one-element tensors.

@@ -42,6 +42,7 @@ from minis.models.fcos import (FCOS, FCOSConfig, HeadOutputs, Locations, build_f
 from minis.nn.detection import ImageBatch, resize_boxes
 from minis.nn.fpn import BackboneFPN
 from minis.nn.losses import dice_loss, sigmoid_focal_loss
+from minis.ops.masks import detection_masks, resize_masks
 
 
 @dataclass
@@ -270,13 +271,16 @@ class CondInst(FCOS):
 
     def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
                     original_sizes: list[tuple[int, int]]) -> list[dict]:
-        """Boxes and whole-image masks back to the original image's pixels."""
+        """Boxes and whole-image masks back to the original image's pixels.
+
+        Inside :func:`minis.ops.masks.rle_masks` the masks come out as COCO RLEs, resized a chunk of
+        detections at a time (see :func:`minis.ops.masks.detection_masks`).
+        """
         for detection, size, original in zip(detections, image_sizes, original_sizes):
             detection["boxes"] = resize_boxes(detection["boxes"], size, original)
             masks = detection["masks"]
-            if tuple(masks.shape[-2:]) != tuple(original) and len(masks):
-                masks = F.interpolate(masks, size=original, mode="bilinear", align_corners=False)
-            detection["masks"] = masks.reshape(len(masks), 1, *original)
+            detection["masks"] = detection_masks(len(masks), original,
+                                                 lambda part: resize_masks(masks[part], original))
         return detections
 
 

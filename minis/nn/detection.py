@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minis.nn.layers import IMAGENET_MEAN, IMAGENET_STD
-from minis.ops.masks import paste_masks_in_image
+from minis.ops.masks import detection_masks, paste_masks_in_image
 
 BELOW_LOW_THRESHOLD = -1  # match_boxes: IoU below the background threshold
 BETWEEN_THRESHOLDS = -2  # match_boxes: neither object nor background; ignored by the loss
@@ -140,11 +140,17 @@ class DetectionTransform(nn.Module):
 
     def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
                     original_sizes: list[tuple[int, int]]) -> list[dict]:
-        """Boxes back to original pixels; ``masks [N,1,M,M]`` pasted into ``[N,1,H,W]`` probabilities."""
+        """Boxes back to original pixels; ``masks [N,1,M,M]`` pasted into ``[N,1,H,W]`` probabilities.
+
+        Inside :func:`minis.ops.masks.rle_masks` the masks come out as COCO RLEs instead, pasted
+        a chunk of detections at a time (see :func:`minis.ops.masks.detection_masks`).
+        """
         for detection, size, original in zip(detections, image_sizes, original_sizes):
-            detection["boxes"] = resize_boxes(detection["boxes"], size, original)
+            detection["boxes"] = boxes = resize_boxes(detection["boxes"], size, original)
             if "masks" in detection:
-                detection["masks"] = paste_masks_in_image(detection["masks"], detection["boxes"], original)
+                masks = detection["masks"]
+                detection["masks"] = detection_masks(
+                    len(masks), original, lambda part: paste_masks_in_image(masks[part], boxes[part], original))
         return detections
 
 

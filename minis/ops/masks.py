@@ -14,12 +14,34 @@ where row ``y`` of ``R_y`` holds the two weights of the mask rows that image row
 is all zeros where ``y`` is outside the box (``R_x`` likewise for columns). ``torch.bmm`` does it
 for every mask in one call and writes the ``[N, H, W]`` result directly: zeros outside the boxes
 come for free, and no pixel is scattered anywhere.
+
+Compact masks for large images
+------------------------------
+torchvision's output contract gives every detection an image-sized mask of float probabilities.
+On a 12-megapixel photo, 100 detections are ``100 x 12e6 x 4`` bytes = 4.8 GB, and thresholding
+or encoding them all at once needs as much again. The evaluator and ``minis predict`` only need
+binary masks, which COCO stores as run-length encodings (RLE: a few hundred bytes per object).
+So inside ``with rle_masks():`` every instance model returns ``masks`` as a list of COCO RLEs
+instead, made a chunk of detections at a time by :func:`detection_masks`: at most
+:data:`CHUNK_BYTES` of float masks exist at any moment. A model honours the switch by building
+its output masks with :func:`detection_masks` (``DetectionTransform.postprocess`` and
+``CondInst.postprocess`` do), so a new architecture gets it by reusing them.
 """
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
+from typing import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
+
+CHUNK_BYTES = 128 * 2**20  # float masks rendered at once on the compact path (2 detections of 12 Mpx)
+
+# The threshold of the active ``rle_masks`` block, None outside one. A ContextVar, so that the
+# switch holds for this thread (or asyncio task) only.
+_RLE_THRESHOLD: ContextVar[float | None] = ContextVar("minis_rle_mask_threshold", default=None)
 
 
 def _resize_matrix(box_low: torch.Tensor, box_high: torch.Tensor, image_size: int, mask_size: int,
@@ -82,6 +104,78 @@ def paste_masks_in_image(masks: torch.Tensor, boxes: torch.Tensor, img_shape: tu
     padded = F.pad(masks[:, 0], (padding,) * 4).to(dtype)  # [N, M', M']
     rows = _resize_matrix(y1, y2, height, padded.shape[1], dtype)  # [N, H, M']
     cols = _resize_matrix(x1, x2, width, padded.shape[2], dtype)  # [N, W, M']
-    # along x first (each mask row at every image column), then along y: the kernel's order
-    pasted = rows @ (padded @ cols.transpose(1, 2))  # [N, H, M'] @ [N, M', W] -> [N, H, W]
+    # along x first (each mask row at every image column), then along y: the kernel's order. Not
+    # under autocast, which would multiply in float16/bfloat16 and round the masks to 2-3 digits
+    # (torchvision's F.interpolate keeps float32 there).
+    with torch.autocast(masks.device.type, enabled=False):
+        pasted = rows @ (padded @ cols.transpose(1, 2))  # [N, H, M'] @ [N, M', W] -> [N, H, W]
     return pasted.to(masks.dtype)[:, None]
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Whole-image probabilities ``[N,1,h,w]`` -> ``[N,1,*size]``, bilinear; unchanged when already that size.
+
+    For models whose masks cover the whole (resized) image rather than a box (CondInst, ...).
+    """
+    if tuple(masks.shape[-2:]) != tuple(size) and len(masks):
+        masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+    return masks.reshape(len(masks), 1, *size)
+
+
+# --------------------------------------------------------------------------------------------
+# Compact output masks (see the module docstring)
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def rle_masks(threshold: float = 0.5) -> Iterator[None]:
+    """Within the block, instance models return ``masks`` as COCO RLEs of ``probability > threshold``.
+
+    One RLE per detection, ``{"size": [H, W], "counts": str}`` as pycocotools writes it (``counts``
+    decoded to ``str``, so results are JSON-able); the same binary masks the evaluator would get
+    by thresholding the probabilities. Outside the block models keep torchvision's ``[N,1,H,W]``
+    probabilities. ``minis.engine.evaluate`` and ``minis predict`` use it.
+    """
+    token = _RLE_THRESHOLD.set(float(threshold))
+    try:
+        yield
+    finally:
+        _RLE_THRESHOLD.reset(token)
+
+
+def encode_rle(binary: torch.Tensor) -> list[dict]:
+    """COCO compressed RLE of each mask of ``binary [N,H,W]`` (bool or 0/1), ``counts`` as ``str``."""
+    from pycocotools import mask as mask_utils
+
+    if len(binary) == 0:
+        return []
+    # pycocotools wants a Fortran-ordered uint8 [H,W,N] array: the bytes of [N,W,H] in C order
+    columns = binary.to("cpu", torch.uint8).transpose(1, 2).contiguous().numpy()  # [N,W,H]
+    rles = mask_utils.encode(columns.transpose(2, 1, 0))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def chunk_slices(count: int, height: int, width: int, bytes_per_pixel: int = 4) -> list[slice]:
+    """Consecutive slices of ``count`` detections whose ``[n,H,W]`` masks fit in :data:`CHUNK_BYTES` (1 at least)."""
+    step = max(1, CHUNK_BYTES // max(1, height * width * bytes_per_pixel))
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def detection_masks(count: int, image_size: tuple[int, int], render: Callable[[slice], torch.Tensor]
+                    ) -> torch.Tensor | list[dict]:
+    """The ``masks`` of an output dict: ``[N,1,H,W]`` probabilities, or N COCO RLEs inside :func:`rle_masks`.
+
+    ``render(part)`` returns the probabilities ``[n,1,H,W]`` at ``image_size (H, W)`` of the
+    detections in slice ``part`` of the ``count`` detections. Normally it is called once for all
+    of them; inside :func:`rle_masks` once per chunk of :func:`chunk_slices`, each chunk
+    thresholded and encoded before the next is rendered.
+    """
+    threshold = _RLE_THRESHOLD.get()
+    if threshold is None:
+        return render(slice(0, count))
+    rles: list[dict] = []
+    for part in chunk_slices(count, *image_size):
+        rles += encode_rle(render(part)[:, 0] > threshold)
+    return rles
