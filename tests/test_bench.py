@@ -6,13 +6,18 @@ ported models); how fast anything runs depends on the machine and is not asserte
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
+import types
 
 import pytest
 import torch
+import torchvision
 
 import minis.models
 from minis import bench
+from minis.bench import gpu
 from minis.cli import main
 from minis.data import SHAPE_CLASSES
 
@@ -317,3 +322,204 @@ def test_condinst_bench_times_three_models_and_the_growth_with_instances(capsys,
     assert [row["instances"] for row in written["instances"]] == [1, 4]
     assert written["instances"][0]["condinst_vs_1"] == 1.0 and written["instances"][0]["mask_rcnn_vs_1"] == 1.0
     assert main(["bench", "condinst", "--instances", "0"]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The package: one module per suite, recipes beside the models
+# --------------------------------------------------------------------------------------------
+
+SUITE_COMMANDS = ["semantic", "rcnn", "rcnn-training", "fcos-training", "ms-rcnn", "condinst", "gpu"]
+
+
+@pytest.mark.parametrize("suite", SUITE_COMMANDS)
+def test_every_suite_has_its_help(suite, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", suite, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: minis bench {suite} ")
+
+
+def test_bench_lists_the_commands_of_every_suite_module(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "{" + ",".join(SUITE_COMMANDS) + "}" in capsys.readouterr().out
+    for name in bench.SUITES:
+        module = importlib.import_module(f"minis.bench.{name}")
+        assert callable(module.add_parser) and callable(module.run), name
+
+
+def test_a_new_suite_is_one_module_listed_in_suites(monkeypatch, capsys):
+    """A suite module added to SUITES gets its command, and no other suite changes."""
+    suite = types.ModuleType("minis.bench.hello")
+
+    def add_parser(suites):
+        parser = suites.add_parser("hello", help="says hello")
+        parser.add_argument("--name", default="world")
+        parser.set_defaults(handler=lambda args: print(f"hello {args.name}") or 0)
+
+    suite.add_parser = add_parser
+    monkeypatch.setitem(sys.modules, "minis.bench.hello", suite)
+    monkeypatch.setattr(bench, "SUITES", (*bench.SUITES, "hello"))
+    assert main(["bench", "hello", "--name", "suite"]) == 0
+    assert capsys.readouterr().out == "hello suite\n"
+    assert main(["bench", "semantic", "--models", "segformer", "--no-ports"]) == 2  # the others still answer
+
+
+def test_recipes_live_beside_the_models_and_are_defined_once():
+    from minis.data import shapes
+    from minis.engine import TrainConfig
+    from minis.models import condinst, fcos, rcnn
+
+    config = TrainConfig(**rcnn.SHAPES_RECIPE)  # every key is a TrainConfig field
+    assert (config.epochs, config.batch_size, config.lr, config.optimizer) == (6, 8, 0.003, "adamw")
+    # FCOS and CondInst train with Mask R-CNN's recipe: the same dict, not a copy of its numbers
+    assert fcos.SHAPES_RECIPE is rcnn.SHAPES_RECIPE and condinst.SHAPES_RECIPE is rcnn.SHAPES_RECIPE
+    assert bench.SEMANTIC_SHAPES is shapes.SEMANTIC_SHAPES
+    assert not hasattr(bench, "RCNN_TRAINING_CONFIG")  # no recipe left in the benchmarks
+
+
+def test_random_target_masks_fill_their_rounded_boxes():
+    generator = torch.Generator().manual_seed(0)
+    (target,) = bench.random_targets(1, (40, 50), 5, 6, generator, with_masks=True)
+    expected = torch.zeros(6, 40, 50, dtype=torch.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(target["boxes"].round().long().tolist()):
+        expected[k, y1:y2, x1:x2] = 1
+    assert torch.equal(target["masks"], expected)
+    assert ((target["labels"] >= 1) & (target["labels"] < 5)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# bench gpu, run on the CPU without mixed precision
+# --------------------------------------------------------------------------------------------
+
+
+def test_fixed_batch_boxes_are_the_tight_boxes_of_the_masks():
+    items = gpu.fixed_batch("instance", image_size=64, batch_size=3, seed=1)
+    for image, target in items:
+        assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+        masks = target["masks"]
+        assert len(masks) >= 1 and masks.dtype == torch.uint8 and target["labels"].dtype == torch.int64
+        tight = torchvision.ops.masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])  # its ends are inclusive
+        assert torch.equal(target["boxes"], tight)
+        assert torch.equal(target["area"], masks.sum(dim=(1, 2)).float())
+    semantic = gpu.fixed_batch("semantic", image_size=64, batch_size=3, seed=1)
+    for (image, target), (same_image, instance_target) in zip(semantic, items):
+        assert torch.equal(image, same_image)  # the same images, labelled per pixel
+        expected = (instance_target["masks"].long() * instance_target["labels"][:, None, None]).sum(0)
+        assert torch.equal(target["semantic"], expected)
+
+
+def _detections(count: int, size: tuple[int, int], num_classes: int = 6) -> dict:
+    return {"boxes": torch.rand(count, 4) * 10, "labels": torch.randint(1, num_classes, (count,)),
+            "scores": torch.rand(count), "masks": torch.rand(count, 1, *size)}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(labels=d["labels"] * 0), "labels"),  # the background label
+    (lambda d: d.update(labels=d["labels"].float()), "labels"),
+    (lambda d: d.update(labels=torch.full_like(d["labels"], 6)), "labels"),  # K + 1
+    (lambda d: d.update(scores=d["scores"] + 1), "scores"),
+    (lambda d: d.update(masks=d["masks"][..., :-1]), "masks"),  # not at the image's size
+    (lambda d: d.update(masks=d["masks"][:, 0]), "masks"),  # [N,H,W] instead of [N,1,H,W]
+    (lambda d: d.update(boxes=d["boxes"][:, :3]), "boxes"),
+    (lambda d: d.update(mask_scores=torch.rand(2)), "mask_scores"),  # one per detection
+    (lambda d: d.pop("masks"), "no masks"),
+])
+def test_instance_contract_names_what_is_wrong(change, message):
+    good = _detections(3, (20, 30))
+    assert gpu.instance_contract([good, _detections(0, (20, 30))], [(20, 30), (20, 30)], 6, True) == []
+    change(good)
+    problems = gpu.instance_contract([good], [(20, 30)], 6, learns_masks=True)
+    assert len(problems) == 1 and message in problems[0]
+
+
+def test_box_only_models_need_no_masks_and_semantic_logits_are_checked():
+    boxes_only = _detections(2, (20, 30))
+    del boxes_only["masks"]
+    assert gpu.instance_contract([boxes_only], [(20, 30)], 6, learns_masks=False) == []
+    assert "2 dicts" in gpu.instance_contract([boxes_only], [(20, 30)] * 2, 6, learns_masks=False)[0]
+    assert gpu.semantic_contract(torch.zeros(2, 6, 16, 16), (2, 3, 16, 16), 6) == []
+    assert gpu.semantic_contract(torch.zeros(2, 6, 8, 8), (2, 3, 16, 16), 6)  # not at input resolution
+    assert gpu.semantic_contract(torch.full((2, 6, 16, 16), float("nan")), (2, 3, 16, 16), 6)
+
+
+@pytest.mark.slow
+def test_gpu_command_trains_and_checks_every_model_on_the_cpu(tmp_path, capsys, one_thread):
+    out = tmp_path / "gpu.json"
+    argv = ["bench", "gpu", "--device", "cpu", "--iterations", "6", "--image-size", "64", "--inference-runs", "1",
+            "--no-torchvision", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert ["model", "device", "amp", "first_loss", "last_loss", "falls", "finite", "contract", "train_ms",
+            "inference_ms"] in [line.split() for line in printed.splitlines()]
+    rows = json.loads(out.read_text())["models"]
+    assert [row["model"] for row in rows] == minis.models.list_models()  # new models join by registering
+    for row in rows:
+        assert row["passed"] and row["problems"] == [], row
+        assert (row["device"], row["amp"], row["falls"], row["finite"], row["contract"]) == ("cpu", "no", "yes",
+                                                                                             "yes", "ok")
+        assert len(row["losses"]) == 6 and row["last_loss"] < row["first_loss"]
+        assert row["train_ms"] > 0 and row["inference_ms"] > 0
+    assert f"{len(rows)} of {len(rows)} models passed every check" in printed
+
+
+def test_gpu_command_fails_when_a_loss_does_not_fall(capsys, one_thread):
+    # with a learning rate of 0 nothing is learned: the same batch gives the same loss at every step
+    argv = ["bench", "gpu", "--device", "cpu", "--models", "baseline_fcn", "--iterations", "4", "--image-size", "32",
+            "--lr", "0", "--inference-runs", "1", "--no-torchvision"]
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "baseline_fcn: the loss did not fall" in printed and "0 of 1 models passed" in printed
+
+
+def test_gpu_bench_reports_a_non_finite_loss_and_a_crash(monkeypatch, one_thread):
+    class Exploding(torch.nn.Module):
+        task = "semantic"
+
+        def __init__(self, num_classes: int, fail: bool = False) -> None:
+            super().__init__()
+            self.scale, self.fail = torch.nn.Parameter(torch.ones(())), fail
+
+        def forward(self, images, targets=None):
+            if self.fail:
+                raise RuntimeError("expected scalar type Half but found Float")
+            return {"loss_ce": self.scale * float("inf")}
+
+    monkeypatch.setitem(minis.models._REGISTRY, "exploding", Exploding)
+    monkeypatch.setitem(minis.models._REGISTRY, "crashing", lambda num_classes: Exploding(num_classes, fail=True))
+    exploding, crashing = gpu.bench_gpu(["exploding", "crashing"], device="cpu", iterations=3, image_size=32,
+                                        progress=False)
+    assert exploding["finite"] == "no" and not exploding["passed"] and "non-finite loss" in exploding["problems"][0]
+    assert not crashing["passed"] and crashing["problems"] == ["RuntimeError: expected scalar type Half but found Float"]
+
+
+def test_gpu_command_times_mask_rcnn_and_fcos_with_bench_rcnn(monkeypatch, capsys):
+    """The torchvision timing is bench rcnn's, on the command's device and precision."""
+    calls = []
+
+    def fake_bench_rcnn(names, **options):
+        calls.append((names, options))
+        return [{"model": name, "step": "inference", "minis_ms": 1.0, "torchvision_ms": 1.0, "ratio": 1.0}
+                for name in names]
+
+    monkeypatch.setattr("minis.bench.rcnn.bench_rcnn", fake_bench_rcnn)
+    argv = ["bench", "gpu", "--device", "cpu", "--models", "baseline_fcn", "--iterations", "4", "--image-size", "32",
+            "--inference-runs", "1", "--tv-min-size", "64", "--tv-runs", "1"]
+    assert main(argv) == 0
+    ((names, options),) = calls
+    assert names == ("maskrcnn_resnet50_fpn", "fcos_resnet50_fpn")
+    assert options["device"] == torch.device("cpu") and options["amp"] is False
+    assert (options["min_size"], options["max_size"], options["runs"]) == (64, 1333, 1)
+    assert "fcos_resnet50_fpn" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cpu", "--amp"], "mixed precision"),
+    (["--device", "cpu", "--models", "segformer"], "unknown model 'segformer'"),
+    (["--device", "cpu", "--iterations", "0"], "at least 1"),
+    (["--device", "gpu"], "--device"),
+])
+def test_gpu_command_reports_mistakes_in_one_line(argv, message, capsys):
+    assert main(["bench", "gpu", "--no-torchvision", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minis: error: ") and message in err
