@@ -490,7 +490,8 @@ def test_gpu_bench_reports_a_non_finite_loss_and_a_crash(monkeypatch, one_thread
     exploding, crashing = gpu.bench_gpu(["exploding", "crashing"], device="cpu", iterations=3, image_size=32,
                                         progress=False)
     assert exploding["finite"] == "no" and not exploding["passed"] and "non-finite loss" in exploding["problems"][0]
-    assert not crashing["passed"] and crashing["problems"] == ["RuntimeError: expected scalar type Half but found Float"]
+    assert not crashing["passed"]
+    assert crashing["problems"] == ["RuntimeError: expected scalar type Half but found Float"]
 
 
 def test_gpu_command_times_mask_rcnn_and_fcos_with_bench_rcnn(monkeypatch, capsys):

@@ -68,7 +68,8 @@ def _boxes_of(masks: torch.Tensor) -> torch.Tensor:
     return torch.stack([x1, y1, x2, y2], dim=1).float()
 
 
-def fixed_batch(task: str, image_size: int = 128, batch_size: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, dict]]:
+def fixed_batch(task: str, image_size: int = 128, batch_size: int = 2,
+                seed: int = 0) -> list[tuple[torch.Tensor, dict]]:
     """``batch_size`` dataset items ``(image [3,S,S] in 0..1, target)`` of the shapes benchmark, rendered in memory.
 
     The images are the chapters' plain variant (:data:`minis.data.shapes.SEMANTIC_SHAPES`), each
@@ -126,7 +127,8 @@ def instance_contract(outputs: Any, image_sizes: Sequence[tuple[int, int]], num_
         return [f"expected a list of {len(image_sizes)} dicts, got {type(outputs).__name__}"]
     problems = []
     for index, (output, (height, width)) in enumerate(zip(outputs, image_sizes)):
-        missing = [key for key in ("boxes", "labels", "scores", *(["masks"] if learns_masks else [])) if key not in output]
+        required = ("boxes", "labels", "scores", *(["masks"] if learns_masks else []))
+        missing = [key for key in required if key not in output]
         if missing:
             problems.append(f"image {index}: no {', '.join(missing)}")
             continue
@@ -145,7 +147,8 @@ def instance_contract(outputs: Any, image_sizes: Sequence[tuple[int, int]], num_
                                 "expected float [N] in 0..1")
         if "masks" in output:
             masks = output["masks"]
-            if not (masks.is_floating_point() and masks.shape == (count, 1, height, width) and _in_unit_interval(masks)):
+            if not (masks.is_floating_point() and masks.shape == (count, 1, height, width)
+                    and _in_unit_interval(masks)):
                 problems.append(f"image {index}: masks {tuple(masks.shape)} {masks.dtype}, expected float "
                                 f"[N,1,{height},{width}] in 0..1")
     return problems

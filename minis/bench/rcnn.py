@@ -397,7 +397,8 @@ def bench_ops(
 
 def add_parser(suites: argparse._SubParsersAction) -> None:
     """``bench rcnn`` and its options."""
-    parser = suites.add_parser("rcnn", help="Mask R-CNN (or FCOS) and minis.ops against torchvision: speed and agreement")
+    parser = suites.add_parser("rcnn",
+                               help="Mask R-CNN (or FCOS) and minis.ops against torchvision: speed and agreement")
     parser.add_argument("--models", nargs="+", default=["maskrcnn_resnet50_fpn"], metavar="TV_MODEL",
                         help="maskrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn, fcos_resnet50_fpn (default: the first)")
     parser.add_argument("--runs", type=int, default=4, help="timed rounds per model and step (median; the order flips "
