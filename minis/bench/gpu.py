@@ -262,8 +262,10 @@ def bench_gpu(
     Returns:
         One dict per model: ``model``, ``device``, ``amp``, ``first_loss``, ``last_loss``,
         ``falls``, ``finite`` (``"yes"``/``"no"``), ``contract`` (``"ok"``/``"FAIL"``),
-        ``train_ms`` (median time of a training step, the first left out), ``inference_ms``
-        (median time of the batch's inference), ``losses`` (the total loss of every step),
+        ``train_ms`` (median time of a training step as the Trainer records it, the first left
+        out; on CUDA a step reading its losses waits for the previous step's queued work, so in a
+        run of steps each one is counted whole), ``inference_ms`` (median time of the batch's
+        inference), ``losses`` (the total loss of every step),
         ``detections`` (instance models), ``problems`` (one line per failed check, or the error
         that stopped the model) and ``passed``.
 
