@@ -51,7 +51,8 @@ class AnchorGenerator(nn.Module):
     feature map (or a single tuple for all). ``forward(image_list, feature_maps)`` takes anything
     with ``.tensors [B,3,H,W]`` and ``.image_sizes`` (torchvision's ``ImageList``) and returns a
     list of ``[sum over levels of h*w*A, 4]`` tensors, one per image. The stride of a level is the
-    padded batch size divided by the map size (integer division).
+    padded batch size divided by the map size (integer division). One difference: the anchors of
+    float16/bfloat16 feature maps (mixed precision) are float32, not the maps' type.
     """
 
     def __init__(self, sizes: Sequence[Sequence[float]] = ((128, 256, 512),),

@@ -15,13 +15,22 @@ over boxes. Here it is a few matrix operations instead, with the same result:
 
 The IoU matrix costs ``N^2`` memory: fine for the few thousand boxes per image and class that
 detectors pass to NMS, not for tens of thousands at once.
+
+Two details follow torchvision's CPU kernel exactly. The IoU is computed in float32 for boxes of
+any other type than float32 and float64 (torchvision's kernel under autocast: float16 or
+bfloat16 boxes from a mixed-precision detector would otherwise round IoUs to 2 or 3 digits and
+change which boxes survive). And the threshold is a Python float, a float64: an IoU is compared
+with that number, not with its nearest float32 (``0.2`` would become ``0.2000000030``, and an
+IoU of exactly ``float32(0.2)`` would survive where the kernel suppresses it).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from minis.ops.boxes import box_iou
+from minis.ops.boxes import InvalidBoxesError, _float_compute_dtype, box_iou
 
 
 def _greedy_keep(overlaps: torch.Tensor) -> torch.Tensor:
@@ -38,12 +47,34 @@ def _greedy_keep(overlaps: torch.Tensor) -> torch.Tensor:
         keep = new_keep
 
 
+def _exceeds(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``values > threshold``, exactly as if both were float64 (as torchvision's kernel compares).
+
+    ``tensor > 0.2`` would round 0.2 to the tensor's type first. Instead the threshold is replaced
+    by the largest number of that type not above it: a value of the type exceeds one exactly
+    when it exceeds the other. A ``nan`` on either side compares false.
+    """
+    exact = torch.tensor(threshold, dtype=torch.float64)
+    rounded = exact.to(values.dtype)  # to the nearest: possibly just above the threshold
+    if rounded.double() > exact:
+        rounded = torch.nextafter(rounded, torch.tensor(-math.inf, dtype=values.dtype))
+    return values > rounded.item()  # exactly representable in values.dtype: no second rounding
+
+
+def _check_boxes_and_scores(boxes: torch.Tensor, scores: torch.Tensor) -> None:
+    """Raise :class:`InvalidBoxesError` unless ``boxes`` is ``[N, 4]`` and ``scores`` is ``[N]``."""
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise InvalidBoxesError(f"boxes must be [N, 4] (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
+    if scores.dim() != 1 or len(scores) != len(boxes):
+        raise InvalidBoxesError(f"scores must be [N] with N = {len(boxes)}, one per box, got shape {tuple(scores.shape)}")
+
+
 def _nms_in_order(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
                   groups: torch.Tensor | None) -> torch.Tensor:
     # A stable sort keeps equal scores in index order, as torchvision's kernel does.
     order = torch.sort(scores, descending=True, stable=True).indices
-    boxes = boxes[order]
-    overlaps = box_iou(boxes, boxes) > iou_threshold  # nan (two empty boxes) compares false
+    boxes = boxes[order].to(_float_compute_dtype(boxes.dtype))  # float16 boxes: IoU in float32
+    overlaps = _exceeds(box_iou(boxes, boxes), iou_threshold)  # nan (two empty boxes) compares false
     if groups is not None:
         groups = groups[order]
         overlaps &= groups[:, None] == groups[None, :]  # only boxes of the same group compete
@@ -55,8 +86,12 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     """Indices (int64 ``[K]``, by decreasing score) of the boxes greedy NMS keeps.
 
     ``boxes [N,4]`` (x1, y1, x2, y2), ``scores [N]``. A box is dropped when a higher-scoring kept
-    box has IoU ``> iou_threshold`` with it. Same signature and result as ``torchvision.ops.nms``.
+    box has IoU ``> iou_threshold`` with it. Same signature and result as ``torchvision.ops.nms``
+    (its CPU kernel: the CUDA kernel compares ``intersection > threshold * union`` in float32,
+    which can differ in the last bit). Boxes or scores of other shapes raise
+    :class:`InvalidBoxesError`.
     """
+    _check_boxes_and_scores(boxes, scores)
     return _nms_in_order(boxes, scores, iou_threshold, None)
 
 
@@ -66,6 +101,13 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
     ``torchvision.ops.batched_nms``.
 
     torchvision shifts each group's boxes far apart so that one plain NMS cannot mix them; here
-    the IoU matrix is simply masked to pairs of the same group.
+    the IoU matrix is simply masked to pairs of the same group (the shift rounds float16 boxes,
+    and lets groups meet when coordinates are negative; the mask does neither). Without boxes the
+    result is empty whatever ``scores`` and ``idxs`` are, as in torchvision.
     """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    _check_boxes_and_scores(boxes, scores)
+    if idxs.dim() != 1 or len(idxs) != len(boxes):
+        raise InvalidBoxesError(f"idxs must be [N] with N = {len(boxes)}, one per box, got shape {tuple(idxs.shape)}")
     return _nms_in_order(boxes, scores, iou_threshold, idxs)

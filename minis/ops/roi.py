@@ -13,6 +13,11 @@ Both take the boxes as one ``[K,5]`` tensor (``batch_index, x1, y1, x2, y2``) or
 ``[L_i,4]`` tensors, one per image, with ``torchvision.ops`` signatures. All boxes are processed
 together; only the samples of very many boxes are gathered in chunks, to bound the memory.
 
+As in torchvision's kernels, the boxes are constants (no gradient flows into them), and the
+arithmetic on coordinates and weights is float32 for float16 or bfloat16 features: in bfloat16
+a coordinate of 300.3 is 300, so every sample would move by up to a cell. The result has the
+features' type (torchvision's kernels under autocast, CPU or CUDA, do the same).
+
 * ``multiscale_roi_align`` / ``MultiScaleRoIAlign`` (FPN, Lin et al. 2017) pool each box from one
   level of a feature pyramid, chosen by the box's size (``fpn_level``): small boxes from the fine
   maps, large ones from the coarse maps, so every box covers about the same number of cells.
@@ -26,18 +31,34 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from minis.ops.boxes import InvalidBoxesError, _float_compute_dtype, box_area
+
 # Upper bound on the elements of one chunk's gathered samples ([K, C, h*gh, w*gw] per corner).
 _CHUNK_ELEMENTS = 2**23
 
 
-def _as_rois(boxes: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``[K,5]`` rows ``(batch_index, x1, y1, x2, y2)`` from either accepted box format."""
+def _as_rois(boxes: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[K,5]`` rows ``(batch_index, x1, y1, x2, y2)`` from either accepted box format, detached.
+
+    ``boxes`` is one ``[K, 5]`` tensor or a list (or tuple) of ``[L_i, 4]`` tensors, one per
+    image (torchvision's ``check_roi_boxes_shape``); anything else raises :class:`InvalidBoxesError`.
+    """
     if isinstance(boxes, torch.Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError(f"boxes as one tensor must be [K, 5] (batch index, x1, y1, x2, y2), got {tuple(boxes.shape)}")
-        return boxes.to(dtype)
+            raise InvalidBoxesError(f"boxes as one tensor must be a Tensor[K, 5] (batch index, x1, y1, x2, y2), got "
+                                    f"shape {tuple(boxes.shape)}; per-image boxes go in a list of Tensor[L_i, 4]")
+        return boxes.detach().to(device=device, dtype=dtype)
+    if not isinstance(boxes, (list, tuple)):
+        raise InvalidBoxesError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L_i, 4], one per image; "
+                                f"got {type(boxes).__name__}")
+    for i, image_boxes in enumerate(boxes):
+        if not isinstance(image_boxes, torch.Tensor) or image_boxes.dim() != 2 or image_boxes.shape[1] != 4:
+            shape = tuple(image_boxes.shape) if isinstance(image_boxes, torch.Tensor) else type(image_boxes).__name__
+            raise InvalidBoxesError(f"boxes as a list must hold one Tensor[L_i, 4] (x1, y1, x2, y2) per image; "
+                                    f"image {i} has {shape}")
     rows = [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
-    return torch.cat(rows).to(dtype) if rows else torch.zeros(0, 5, dtype=dtype)
+    rois = torch.cat(rows) if rows else torch.zeros(0, 5)
+    return rois.detach().to(device=device, dtype=dtype)
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -131,10 +152,12 @@ def roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor],
 
     ``boxes`` are in image coordinates; ``spatial_scale`` (1 / stride) maps them onto the feature
     map. ``sampling_ratio > 0`` samples that many points per bin side; ``<= 0`` picks
-    ``ceil(bin size)`` per box. Same signature and numbers as ``torchvision.ops.roi_align``.
+    ``ceil(bin size)`` per box. Same signature and numbers as ``torchvision.ops.roi_align``; the
+    output has the type of ``input``, computed in float32 when that is float16 or bfloat16.
     """
     output_size = _pair(output_size)
-    rois = _as_rois(boxes, input.dtype).to(input.device)
+    # float16/bfloat16 features: positions and weights in float32; the weighted sums promote to it
+    rois = _as_rois(boxes, _float_compute_dtype(input.dtype), input.device)
     if len(rois) == 0:
         return input.new_zeros(0, input.shape[1], *output_size)
     grid = _sampling_grid(rois, output_size, spatial_scale, sampling_ratio, aligned)
@@ -142,8 +165,9 @@ def roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor],
     samples_per_box = output_size[0] * output_size[1] * max(int(grid[:, 4].max()), 1) * max(int(grid[:, 5].max()), 1)
     chunk = max(1, _CHUNK_ELEMENTS // (input.shape[1] * samples_per_box))
     batch_index = rois[:, 0].long()
-    return torch.cat([_roi_align_chunk(input, index, part, output_size)
-                      for index, part in zip(batch_index.split(chunk), grid.split(chunk))])
+    pooled = torch.cat([_roi_align_chunk(input, index, part, output_size)
+                        for index, part in zip(batch_index.split(chunk), grid.split(chunk))])
+    return pooled.to(input.dtype)
 
 
 def roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], output_size: int | Sequence[int],
@@ -153,22 +177,26 @@ def roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], 
     The box is rounded to whole cells (``round(x * spatial_scale)``), at least one cell wide; bin
     ``p`` covers the cells from ``floor(p * size / h)`` to ``ceil((p + 1) * size / h)`` of it,
     clipped to the map; the output is the maximum over the bin, 0 for an empty bin. Same
-    signature and numbers as ``torchvision.ops.roi_pool``.
+    signature, numbers and gradient as ``torchvision.ops.roi_pool``: the gradient of a bin goes to
+    the first cell (row by row) holding its maximum; ``nan`` never wins, and the maximum is at
+    least ``-3.4e38`` (the kernel starts from ``-FLT_MAX``). Box coordinates are rounded in
+    float32 for float16 or bfloat16 features.
     """
     pooled_h, pooled_w = _pair(output_size)
-    rois = _as_rois(boxes, input.dtype).to(input.device)
+    compute_dtype = _float_compute_dtype(input.dtype)
+    rois = _as_rois(boxes, compute_dtype, input.device)
     _, channels, height, width = input.shape
     if len(rois) == 0:
         return input.new_zeros(0, channels, pooled_h, pooled_w)
     # C's round(): halves away from zero (torch.round would round them to even)
     scaled = rois[:, 1:] * spatial_scale
     start_x, start_y, end_x, end_y = (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)).long().unbind(1)
-    roi_w = (end_x - start_x + 1).clamp(min=1).to(input.dtype)
-    roi_h = (end_y - start_y + 1).clamp(min=1).to(input.dtype)
+    roi_w = (end_x - start_x + 1).clamp(min=1).to(compute_dtype)
+    roi_h = (end_y - start_y + 1).clamp(min=1).to(compute_dtype)
 
     def bin_edges(start: torch.Tensor, size: torch.Tensor, bins: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
         """First and one-past-last cell of every bin, ``[K, bins]`` each, clipped to ``[0, limit]``."""
-        p = torch.arange(bins, device=input.device, dtype=input.dtype)[None]
+        p = torch.arange(bins, device=input.device, dtype=compute_dtype)[None]
         bin_size = size[:, None] / bins
         first = torch.floor(p * bin_size).long() + start[:, None]
         last = torch.ceil((p + 1) * bin_size).long() + start[:, None]
@@ -182,17 +210,31 @@ def roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], 
     in_row = (rows[None, None] >= y_first[..., None]) & (rows[None, None] < y_last[..., None])
     in_col = (cols[None, None] >= x_first[..., None]) & (cols[None, None] < x_last[..., None])
 
+    empty_bin = (y_last <= y_first)[:, :, None] | (x_last <= x_first)[:, None, :]  # [K, h, w]
+    features = input.masked_fill(input.isnan(), -math.inf)  # the kernel's "value > max so far" skips nan
+    # amax is the fast maximum, but its gradient is shared among tied maxima (the zeros after a
+    # ReLU); the kernel's goes to the first maximum only. max(dim) does that, at several times the
+    # cost, so it is used only when a gradient will be asked for. First by column, then by row, is
+    # the kernel's row-major first.
+    needs_gradient = torch.is_grad_enabled() and input.requires_grad
+
+    def maximum(t: torch.Tensor) -> torch.Tensor:
+        """Maximum over the last dimension."""
+        return t.max(dim=-1).values if needs_gradient else t.amax(dim=-1)
+
     outputs = []
     per_box = channels * pooled_w * height * width  # the column-masked maps, the largest intermediate
     chunk = max(1, _CHUNK_ELEMENTS // per_box)
     for part in torch.arange(len(rois), device=input.device).split(chunk):
-        maps = input[rois[part, 0].long()]  # [k, C, H, W]
+        maps = features[rois[part, 0].long()]  # [k, C, H, W]
         # max over columns of each column bin, then over rows of each row bin
         masked = maps[:, :, None, :, :].masked_fill(~in_col[part][:, None, :, None, :], -math.inf)  # [k,C,w,H,W]
-        by_column = masked.amax(dim=-1)  # [k, C, w, H]
+        by_column = maximum(masked)  # [k, C, w, H]
         masked = by_column[:, :, None].masked_fill(~in_row[part][:, None, :, None, :], -math.inf)  # [k,C,h,w,H]
-        pooled = masked.amax(dim=-1)  # [k, C, h, w]
-        outputs.append(torch.where(torch.isinf(pooled) & (pooled < 0), torch.zeros_like(pooled), pooled))
+        pooled = maximum(masked)  # [k, C, h, w]
+        if pooled.dtype in (torch.float32, torch.float64):  # in float16 and bfloat16, -FLT_MAX is -inf
+            pooled = pooled.clamp(min=-torch.finfo(torch.float32).max)
+        outputs.append(pooled.masked_fill(empty_bin[part][:, None], 0))
     return torch.cat(outputs)
 
 
@@ -211,7 +253,7 @@ def fpn_level(boxes: torch.Tensor, k_min: int, k_max: int, canonical_scale: int 
     rounding left just below a level's border (``224 * 2**j``) back onto it; a zero-area box
     (``log2(0) = -inf``) ends on ``k_min``. Same numbers as torchvision's ``LevelMapper``.
     """
-    size = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    size = torch.sqrt(box_area(boxes))  # float32 for float16 boxes, whose areas overflow at 256 x 256
     # torchvision's order: eps added after the logarithm, not inside it
     level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + torch.tensor(eps, dtype=size.dtype))
     return level.clamp(min=k_min, max=k_max).to(torch.int64) - k_min
@@ -250,7 +292,7 @@ def multiscale_roi_align(features: Sequence[torch.Tensor], boxes: Sequence[torch
     """
     output_size = _pair(output_size)
     scales = feature_scales([feature.shape for feature in features], image_sizes)
-    rois = _as_rois(boxes, boxes[0].dtype if len(boxes) else features[0].dtype).to(features[0].device)
+    rois = _as_rois(boxes, boxes[0].dtype if len(boxes) else features[0].dtype, features[0].device)
     if len(features) == 1:
         return roi_align(features[0], rois, output_size, spatial_scale=scales[0], sampling_ratio=sampling_ratio)
 
