@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, deeplabv3_resnet101
 
@@ -127,6 +128,40 @@ def test_aspp_3x3_branches_are_dilated(separable: bool) -> None:
         expected = {(10 + rate * dy, 10 + rate * dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
         assert impulse_support(conv) == expected
     assert aspp.eval()(torch.rand(2, 6, 13, 11)).shape == (2, 8, 13, 11)
+
+
+@pytest.mark.parametrize("output_stride,default,multi_grid", [(16, [1, 2, 2], [2, 4, 8]), (8, [2, 4, 4], [4, 8, 16])])
+def test_multi_grid_rates_in_the_last_stage(output_stride: int, default: list[int], multi_grid: list[int]) -> None:
+    """The paper's multi-grid (1, 2, 4): rates 2, 4, 8 at output stride 16; torchvision's without it."""
+    torch.manual_seed(0)
+    plain = minis.models.build("deeplabv3", 3, backbone="resnet50", output_stride=output_stride)
+    torch.manual_seed(0)
+    grid = minis.models.build("deeplabv3", 3, backbone="resnet50", output_stride=output_stride, multi_grid=(1, 2, 4))
+    assert [block.conv2.dilation[0] for block in plain.backbone.layer4] == default
+    assert [block.conv2.dilation[0] for block in grid.backbone.layer4] == multi_grid
+    # the rates are really used: each block's 3x3 convolution computes an explicitly dilated one
+    for block, rate in zip(grid.backbone.layer4, multi_grid):
+        x = torch.randn(1, block.conv2.in_channels, 19, 19)
+        with torch.no_grad():
+            reference = F.conv2d(x, block.conv2.weight, stride=block.conv2.stride, padding=rate, dilation=rate)
+            torch.testing.assert_close(block.conv2(x), reference)
+    grid.load_state_dict(plain.state_dict())  # only rates change: the same weights fit
+    with torch.no_grad():
+        images = torch.rand(1, 3, 65, 70)
+        out_plain, out_grid = plain.eval()(images), grid.eval()(images)
+    assert out_grid.shape == (1, 3, 65, 70) and not torch.allclose(out_plain, out_grid)
+
+
+def test_multi_grid_on_the_small_backbone_and_bad_lengths() -> None:
+    model = minis.models.build("deeplabv3", 3, multi_grid=(1, 2))  # two basic blocks: both 3x3 convs per block
+    assert [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in model.backbone.layer4] == [(2, 2), (4, 4)]
+    assert model.build_args["multi_grid"] == (1, 2)
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 3, 50, 61)).shape == (1, 3, 50, 61)
+    with pytest.raises(ValueError, match="one unit rate per block.*2 for this backbone"):
+        minis.models.build("deeplabv3", 3, multi_grid=(1, 2, 4))
+    with pytest.raises(ValueError, match="needs a ResNet"):
+        minis.models.build("deeplabv3", 3, backbone="vgg16", multi_grid=(1, 2, 4))
 
 
 def test_image_pooling_is_one_vector_of_global_context_broadcast_everywhere() -> None:

@@ -68,3 +68,22 @@ def test_every_semantic_model_keeps_the_contract(name: str) -> None:
     assert "loss_ce" in losses and all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
     sum(losses.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ("baseline_fcn",) + SEMANTIC_NAMES)
+def test_every_semantic_model_runs_the_shared_forward(name: str) -> None:
+    """One forward pass for all (minis.nn.SemanticModel): the main loss is the cross-entropy of the very
+    logits the model returns, at input resolution, with label 255 ignored."""
+    from minis.nn import SemanticModel
+
+    torch.manual_seed(0)
+    model = minis.models.build(name, num_classes=4).train()
+    assert isinstance(model, SemanticModel)
+    images, targets = torch.rand(2, 3, 45, 38), torch.randint(0, 4, (2, 45, 38))
+    targets[:, :5] = 255
+    torch.manual_seed(1)  # the same dropout masks in both calls
+    logits = model(images)  # training mode without targets: logits, batch statistics
+    torch.manual_seed(1)
+    losses = model(images, targets)
+    assert logits.shape == (2, 4, 45, 38)
+    torch.testing.assert_close(losses["loss_ce"], torch.nn.functional.cross_entropy(logits, targets, ignore_index=255))

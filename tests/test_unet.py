@@ -1,12 +1,18 @@
-"""U-Net: any input size, the parameter count by hand, the concatenated skips, training."""
+"""U-Net: any input size, the parameter count by hand, the concatenated skips, training, and the
+paper's border-weighted loss against a brute-force computation of its formula."""
 
 from __future__ import annotations
 
+import math
+from collections import deque
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import minis.models
-from minis.models.unet import pad_to_multiple
+from minis.models.unet import (border_weight_map, class_balance_weights, connected_objects, distance_to_masks,
+                               pad_to_multiple, weighted_cross_entropy)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -121,3 +127,162 @@ def test_deep_supervision_classifies_the_bottom_of_the_u() -> None:
 def test_bad_depth_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one downsampling"):
         minis.models.build("unet", num_classes=3, depth=0)
+
+
+# --------------------------------------------------------------------------- the border-weighted loss
+
+
+def flood_fill_objects(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Reference: 4-connected regions of one class (not 0, not 255) by breadth-first search: ids, count."""
+    height, width = labels.shape
+    ids = torch.zeros(height, width, dtype=torch.long)
+    count = 0
+    for y in range(height):
+        for x in range(width):
+            if int(labels[y, x]) in (0, 255) or ids[y, x]:
+                continue
+            count += 1
+            ids[y, x] = count
+            queue = deque([(y, x)])
+            while queue:
+                a, b = queue.popleft()
+                for c, d in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
+                    if 0 <= c < height and 0 <= d < width and not ids[c, d] and labels[c, d] == labels[y, x]:
+                        ids[c, d] = count
+                        queue.append((c, d))
+    return ids, count
+
+
+def brute_force_weights(labels: torch.Tensor, w0: float, sigma: float) -> torch.Tensor:
+    """The paper's w(x) for one label map [H,W], pixel by pixel, from the formula."""
+    height, width = labels.shape
+    ids, count = flood_fill_objects(labels)
+    pixels_of = [(ids == k).nonzero().tolist() for k in range(1, count + 1)]
+    scored = labels != 255
+    classes = labels[scored].unique().tolist()
+    weights = torch.zeros(height, width, dtype=torch.float64)
+    for y in range(height):
+        for x in range(width):
+            if not scored[y, x]:
+                continue
+            w_c = int(scored.sum()) / (len(classes) * int((labels == labels[y, x]).sum()))
+            border = 0.0
+            if labels[y, x] == 0 and count >= 2:
+                d1, d2 = sorted(min(math.hypot(y - a, x - b) for a, b in pixels) for pixels in pixels_of)[:2]
+                border = w0 * math.exp(-((d1 + d2) ** 2) / (2 * sigma**2))
+            weights[y, x] = w_c + border
+    return weights
+
+
+def random_label_maps(seed: int, batch: int = 2, height: int = 17, width: int = 23) -> torch.Tensor:
+    """Rectangles of classes 1-2 that overlap, touch and nest, with an ignored strip."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(batch, height, width, dtype=torch.long)
+    for image in labels:
+        for _ in range(5):
+            y, x = torch.randint(0, height - 2, (2,), generator=generator).tolist()
+            h, w = torch.randint(1, 6, (2,), generator=generator).tolist()
+            image[y:y + h, x:x + w] = int(torch.randint(1, 3, (1,), generator=generator))
+        image[0, :3] = 255
+    return labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_connected_objects_match_a_flood_fill(seed: int) -> None:
+    labels = random_label_maps(seed)
+    labels[0, 10:12, 0:2], labels[0, 12:14, 2:4] = 1, 1  # touching only diagonally: two objects
+    ids = connected_objects(labels)
+    for image, image_ids in zip(labels, ids):
+        expected, count = flood_fill_objects(image)
+        pairs = set(zip(image_ids.flatten().tolist(), expected.flatten().tolist()))
+        assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}) == count + 1  # same partition
+        assert ((image_ids == 0) == (expected == 0)).all()
+
+
+def test_a_snake_is_one_object() -> None:
+    """A long winding object: the numbers must travel its whole length."""
+    labels = torch.zeros(1, 15, 15, dtype=torch.long)
+    labels[0, ::2] = 3  # rows 0, 2, ..., 14
+    labels[0, 1::4, -1] = labels[0, 3::4, 0] = 3  # joined alternately at the right and left ends
+    ids = connected_objects(labels)
+    assert ids[labels > 0].unique().numel() == 1 and (ids[labels == 0] == 0).all()
+
+
+def test_distances_to_masks_are_euclidean_up_to_the_limit() -> None:
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(3, 19, 26, generator=generator) > 0.97
+    masks[2] = False  # an empty mask: infinitely far
+    grid = torch.stack(torch.meshgrid(torch.arange(19.0), torch.arange(26.0), indexing="ij"), -1).reshape(-1, 2)
+    ours = distance_to_masks(masks, max_distance=8)
+    for mask, distance in zip(masks[:2], ours[:2]):
+        expected = torch.cdist(grid, mask.nonzero().float()).amin(1).reshape(19, 26)
+        near = expected <= 8
+        torch.testing.assert_close(distance[near], expected[near])
+        assert (distance[~near] >= expected[~near]).all() and (distance[~near] > 8).all()
+    assert torch.isinf(ours[2]).all()
+
+
+def test_class_balance_gives_every_class_the_same_total_weight() -> None:
+    labels = random_label_maps(3)
+    weights = class_balance_weights(labels)
+    for image, image_weights in zip(labels, weights):
+        scored = image != 255
+        totals = [float(image_weights[image == c].sum()) for c in image[scored].unique()]
+        assert max(totals) == pytest.approx(min(totals))
+        assert float(image_weights[scored].mean()) == pytest.approx(1.0)
+        assert (image_weights[~scored] == 0).all()
+
+
+@pytest.mark.parametrize("seed,w0,sigma", [(0, 10.0, 5.0), (1, 10.0, 5.0), (2, 4.0, 1.5)])
+def test_border_weight_map_is_the_papers_formula(seed: int, w0: float, sigma: float) -> None:
+    labels = random_label_maps(seed)
+    labels[1] = torch.where(labels[1] == 255, 255, 0)  # an image without objects: w = w_c = 1
+    labels[1, 5:8, 5:9] = 2  # ... then with a single object: still no border term
+    weights = border_weight_map(labels, w0=w0, sigma=sigma)
+    for image, image_weights in zip(labels, weights):
+        torch.testing.assert_close(image_weights.double(), brute_force_weights(image, w0, sigma), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_the_narrowest_gap_weighs_most() -> None:
+    """Two objects one background pixel apart: the gap gets w_c + w0 exp(-2^2 / (2 sigma^2))."""
+    labels = torch.zeros(1, 9, 12, dtype=torch.long)
+    labels[0, 2:7, 1:5] = 1
+    labels[0, 2:7, 6:11] = 1  # column 5 separates them
+    weights = border_weight_map(labels)
+    w_c = class_balance_weights(labels)
+    gap = weights[0, 2:7, 5] - w_c[0, 2:7, 5]
+    torch.testing.assert_close(gap, torch.full((5,), 10 * math.exp(-4 / 50)))
+    assert weights[0].argmax() // 12 in range(2, 7) and weights[0].argmax() % 12 == 5
+
+
+def test_weighted_cross_entropy_with_unit_weights_is_cross_entropy() -> None:
+    logits, targets = torch.randn(2, 4, 6, 7), torch.randint(0, 4, (2, 6, 7))
+    targets[0, 0] = 255
+    ones = torch.ones(2, 6, 7)
+    torch.testing.assert_close(weighted_cross_entropy(logits, targets, ones),
+                               F.cross_entropy(logits, targets, ignore_index=255))
+    weights = torch.rand(2, 6, 7)
+    per_pixel = F.cross_entropy(logits, targets, ignore_index=255, reduction="none")
+    torch.testing.assert_close(weighted_cross_entropy(logits, targets, weights),
+                               (weights * per_pixel).sum() / (targets != 255).sum())
+
+
+def test_unet_trains_with_the_border_weighted_loss() -> None:
+    labels = random_label_maps(0, batch=2, height=24, width=24)
+    images = torch.rand(2, 3, 24, 24)
+    torch.manual_seed(0)
+    plain = minis.models.build("unet", num_classes=3, depth=2, width=4, aux_weight=0.4)
+    torch.manual_seed(0)
+    weighted = minis.models.build("unet", num_classes=3, depth=2, width=4, aux_weight=0.4, border_weight=True,
+                                  w0=10.0, sigma=5.0)
+    assert weighted.build_args["border_weight"] is True
+    plain_losses, losses = plain.train()(images, labels), weighted.train()(images, labels)
+    with torch.no_grad():
+        logits = weighted(images)  # training mode without targets: the same logits
+    expected = weighted_cross_entropy(logits, labels, border_weight_map(labels, 10.0, 5.0))
+    torch.testing.assert_close(losses["loss_ce"], expected)
+    assert not torch.allclose(losses["loss_ce"], plain_losses["loss_ce"])
+    torch.testing.assert_close(losses["loss_aux"], plain_losses["loss_aux"])  # deep supervision stays plain
+    losses["loss_ce"].backward()
+    assert weighted.classifier.weight.grad.abs().sum() > 0

@@ -25,13 +25,45 @@ and changes one thing.
 * **v3+** - Chen, Zhu, Papandreou, Schroff, Adam, "Encoder-Decoder with Atrous Separable
   Convolution for Semantic Image Segmentation", ECCV 2018. v3's output at 1/16 is coarse at
   object boundaries; v3+ adds a light decoder that upsamples it 4x and fuses it with stride-4
-  backbone features (reduced to 48 channels so they do not drown the semantics), and uses
-  depthwise-separable convolutions to make the atrous layers cheap.
+  backbone features (reduced to 48 channels so they do not drown the semantics), and makes the
+  atrous and decoder convolutions depthwise-separable to make them cheap (``separable=True``
+  here; off by default, see below).
 
 Every version is the same :class:`DeepLab` module - backbone, head, bilinear upsampling - with a
 different head. ``build("deeplabv3", K, backbone="resnet101", output_stride=8, rates=(12, 24, 36),
 aux=True)`` is torchvision's ``deeplabv3_resnet101`` layer for layer; :func:`from_torchvision_deeplabv3`
 loads its weights (``minis.models.from_torchvision``).
+
+Departures from the papers, and why. In all four: the default backbone is the small CPU ResNet,
+trained from scratch (the book's budget; ``backbone="vgg16"`` or ``"resnet101"`` with
+``pretrained_backbone=True`` are the papers'), images are normalised with torchvision's ImageNet
+mean and standard deviation (the papers' Caffe and TensorFlow models subtract their own means),
+and inference is single-scale without flipping (the papers' best numbers average several input
+scales and left-right flips).
+
+* **v1 and v2: no fully connected CRF** (a post-processing step outside the network; the chapter
+  explains it) **and the loss on upsampled logits.** v1 and v2 trained against ground truth
+  subsampled 8 times; like v3 ("upsampling logits": thin structures survive in the targets),
+  minis upsamples the logits to the image and keeps every label, the one loss of every semantic
+  model (:func:`minis.nn.semantic_losses`).
+* **v1:** LargeFOV only (not the paper's other fc6 sizes, nor its multi-scale "MSc" variant),
+  and its fc6/fc7 start at random instead of being decimated from VGG-16's fully connected layers.
+* **v2:** no training on several input scales fused by max ("MSC"). Each ASPP-L branch is the
+  VGG one (fc6 3x3 with 1024 channels, fc7, fc8) on every backbone; the authors' released
+  ResNet-101 model scores the classes with a single 3x3 convolution per rate instead.
+* **v3:** the head is torchvision's ``DeepLabHead``: after ASPP's 1x1 projection come dropout 0.5
+  and a 3x3 conv-BN-ReLU (``refine``) before the classifier, where the paper goes from the
+  projection to the 1x1 classifier - kept so that torchvision's weights load and its outputs are
+  reproduced. **No multi-grid by default** (torchvision's rates, same reason);
+  ``multi_grid=(1, 2, 4)`` gives the paper's (:func:`apply_multi_grid`). The cascaded variant
+  (blocks 5-7 without ASPP) is not implemented; ``aux=True`` (torchvision's auxiliary head) is
+  not in the paper.
+* **v3+: separable convolutions are off by default** (``separable=False``): the chapter compares
+  v3 and v3+ with the same dense ASPP, so what it measures is the decoder;
+  ``separable=True`` is the paper's (4-5x fewer head parameters). The Xception backbone is not
+  implemented (the paper's ResNet-101 variant is ``backbone="resnet101"``). Dropout 0.1 after
+  ASPP's projection is not in the paper's description. ``aux=True`` and the 3:16 scaling of
+  ``low_level_channels`` for narrow heads are minis' (see :func:`deeplabv3plus`).
 """
 
 from __future__ import annotations
@@ -45,7 +77,7 @@ from torch import nn
 from minis.models import build, register
 from minis.models.porting import register_port
 from minis.nn import BackboneHeadModel, FCNHead, PooledBatchNorm2d, build_backbone, conv_bn_relu, resize_to
-from minis.nn.backbones import vgg16
+from minis.nn.backbones import DILATIONS, vgg16
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -261,6 +293,30 @@ def deeplab_backbone(name: str, output_stride: int, frozen_bn: bool, pretrained:
     return build_backbone(name, output_stride, frozen_bn, pretrained)
 
 
+def apply_multi_grid(backbone: nn.Module, unit_rates: Sequence[int]) -> None:
+    """DeepLab v3's multi-grid: block ``i`` of the last ResNet stage dilates by ``rate * unit_rates[i]``.
+
+    ``rate`` is the stage's dilation at the backbone's output stride (2 at 16, 4 at 8, 1 at 32), so
+    the paper's ``(1, 2, 4)`` gives rates 2, 4, 8 at output stride 16: successive blocks see
+    ever wider, interleaved grids instead of the same one. One unit rate per block (ResNet-50/101
+    have 3; the small backbone and ResNet-18/34 have 2); in a basic block both 3x3 convolutions
+    take the block's rate. Without multi-grid (torchvision's layout) the first block keeps the
+    previous stage's rate and the others use ``rate``. Changes ``backbone.layer4`` in place
+    (dilation and padding of its 3x3 convolutions; no weight changes shape).
+    """
+    stage = getattr(backbone, "layer4", None)
+    if stage is None:
+        raise ValueError("multi_grid needs a ResNet backbone (its last stage, layer4)")
+    if len(unit_rates) != len(stage):
+        raise ValueError(f"multi_grid needs one unit rate per block of the last stage: {len(stage)} for this "
+                         f"backbone, got {tuple(unit_rates)}")
+    rate = DILATIONS[backbone.output_stride][1]
+    for block, unit in zip(stage, unit_rates):
+        for conv in block.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                conv.dilation = conv.padding = (rate * unit, rate * unit)
+
+
 @register("deeplabv1")
 def deeplabv1(num_classes: int, backbone: str = "small", pretrained_backbone: bool = False, frozen_bn: bool = False,
               head_channels: int = 1024, rate: int = 12, dropout: float = 0.5) -> DeepLab:
@@ -282,13 +338,17 @@ def deeplabv2(num_classes: int, backbone: str = "small", pretrained_backbone: bo
 @register("deeplabv3")
 def deeplabv3(num_classes: int, backbone: str = "small", output_stride: int = 16, rates: Sequence[int] | None = None,
               head_channels: int = 256, aux: bool = False, aux_weight: float = 0.5, pretrained_backbone: bool = False,
-              frozen_bn: bool = False) -> DeepLab:
+              frozen_bn: bool = False, multi_grid: Sequence[int] | None = None) -> DeepLab:
     """DeepLab v3 (paper: ResNet-101, output stride 16 for training, 8 for the best results).
 
     ``rates`` default to :func:`default_rates` of ``output_stride``. ``aux=True`` adds
     torchvision's auxiliary :class:`FCNHead` on ``c4``, weighted 0.5 as in torchvision's recipe.
+    ``multi_grid=(1, 2, 4)`` is the paper's multi-grid in the last ResNet stage
+    (:func:`apply_multi_grid`); the default ``None`` keeps torchvision's rates.
     """
     features = deeplab_backbone(backbone, output_stride, frozen_bn, pretrained_backbone)
+    if multi_grid is not None:
+        apply_multi_grid(features, multi_grid)
     rates = default_rates(output_stride) if rates is None else rates
     head = DeepLabV3Head(features.channels["c5"], num_classes, rates, head_channels)
     aux_head = FCNHead(features.channels["c4"], num_classes) if aux else None
@@ -300,7 +360,7 @@ def deeplabv3plus(num_classes: int, backbone: str = "small", output_stride: int 
                   rates: Sequence[int] | None = None, head_channels: int = 256, low_level_channels: int | None = None,
                   separable: bool = False, aux: bool = False, aux_weight: float = 0.4, pretrained_backbone: bool = False,
                   frozen_bn: bool = False) -> DeepLab:
-    """DeepLab v3+ (paper: Xception or ResNet-101 at output stride 16, separable convolutions).
+    """DeepLab v3+ (paper: Xception or ResNet-101 at output stride 16, ``separable=True``).
 
     ``aux=True`` adds an auxiliary :class:`FCNHead` on ``c4`` (deep supervision, weighted 0.4 as in
     PSPNet). The paper has none; it matters when training from scratch on little data, where the

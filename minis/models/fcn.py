@@ -20,6 +20,33 @@ One :class:`FCN` module covers the three: ``skips`` says which finer maps are fu
 (``backbone="resnet50"``, ``output_stride=8``, no skips) it is torchvision's ``fcn_resnet50``
 layer for layer, and :func:`from_torchvision_fcn` loads its weights
 (``minis.models.from_torchvision``).
+
+Departures from the paper, and why:
+
+* **No 100-pixel input padding, no crop offsets.** The paper pads the image by 100 pixels and
+  leaves fc6 unpadded, so its maps overhang the image and Caffe's crop layers cut them at offsets
+  5, 9 and 31. Here every convolution is padded (fc6 by 3, see :class:`minis.nn.VGG16`), every
+  map starts at the image's top-left corner, and the crops take offset 0 (:func:`crop_to`): any
+  image size works, and the numbers are the same wherever fc6's window lies inside the map.
+* **The final upsampling is ``F.interpolate``** (bilinear, ``align_corners=False``), not a
+  transposed convolution fixed to bilinear weights: the same values except in a border of
+  ``stride / 2`` pixels, where the resize repeats the edge instead of fading towards zero
+  (:func:`minis.nn.bilinear_upsampling_weight`). It is torchvision's convention, which the port
+  needs, and needs no cropping. The 2x upsamplings between skips are the paper's learnable
+  transposed convolutions.
+* **One training run per model, no staging.** The paper trains FCN-16s from a trained FCN-32s and
+  FCN-8s from FCN-16s; here each variant trains from its initialisation in one run (the engine
+  trains one model; the zero-initialised skips make loading a coarser model's weights by hand
+  behave as in the paper). Nor are ``pool3``/``pool4`` scaled by 1e-4/1e-2 as in the journal
+  version's all-at-once training: the skips start at zero instead.
+* **The loss is a mean** over the scored pixels (:func:`minis.nn.semantic_losses`), where the
+  paper sums the per-pixel losses of each image; learning rates in minis are set for the mean.
+* **Backbone and inputs.** The default backbone is the small CPU ResNet, trained from scratch (the
+  book's budget); ``backbone="vgg16", pretrained_backbone=True`` is the paper's. Images are
+  normalised with the ImageNet mean and standard deviation in RGB, as torchvision's VGG-16 weights
+  expect, not by the Caffe model's BGR mean subtraction.
+* **On a ResNet** the scores come from torchvision's :class:`minis.nn.FCNHead` (3x3 conv, BN,
+  dropout) and ``aux=True`` adds its auxiliary head: torchvision's FCN-ResNet, not in the paper.
 """
 
 from __future__ import annotations

@@ -13,6 +13,21 @@ scene's global layout, and a 1x1 convolution scores the classes.
 
 Deep supervision: an auxiliary classifier on stage 4 (``c4``) adds a second loss, weighted 0.4,
 which eases the optimisation of the deep ResNet; it is dropped at inference.
+
+Departures from the paper, and why:
+
+* **The ResNet stem.** The authors' ResNets begin with three 3x3 convolutions; minis' backbones
+  keep torchvision's single 7x7 convolution, so that torchvision's ImageNet weights load
+  (``backbone="resnet101", pretrained_backbone=True``). The default backbone is the small CPU
+  ResNet, trained from scratch (the book's budget).
+* **Adaptive pooling.** Each branch average-pools to its grid (``nn.AdaptiveAvgPool2d``) for any
+  map size; the authors' Caffe model uses fixed kernel sizes and strides computed for the 60x60
+  map of its 473-pixel crops, which is the same thing at that size.
+* **Bilinear resizing with ``align_corners=False``** (torchvision's convention, as in every minis
+  model) for the pooled maps and the logits; the authors' code aligns the corners.
+* **Single-scale inference without flipping**; the paper's best numbers average several input
+  scales and left-right flips. Images are normalised with torchvision's ImageNet mean and
+  standard deviation.
 """
 
 from __future__ import annotations
