@@ -11,7 +11,8 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 import minis.models
 from minis.models.fcos import (FCOS, FCOSConfig, Locations, assign_locations, centerness_target, level_ranges,
-                               make_locations, torchvision_twin)
+                               make_locations)
+from minis.models.porting import torchvision_twin
 from minis.nn.fpn import FPN
 from minis.nn.losses import dice_loss, giou_loss, iou_loss, sigmoid_focal_loss
 from test_rcnn import assert_same_detections, assert_same_weights, random_targets
@@ -247,6 +248,11 @@ def test_torchvision_twin_of_a_small_minis_model_gives_the_same_detections() -> 
     ours.config.level_bounds = (32, 64, 128, 256)
     with pytest.raises(ValueError, match="fixed level ranges"):
         torchvision_twin(ours)
+    scaled = minis.models.build("fcos", num_classes=4, **SMALL, learnable_scales=True)
+    with pytest.raises(ValueError, match="no learnable per-level scales"):
+        torchvision_twin(scaled)
+    with pytest.raises(TypeError, match="CondInst has no torchvision counterpart"):
+        torchvision_twin(minis.models.build("condinst", num_classes=4, **SMALL))
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +281,46 @@ def test_fcos_keeps_the_instance_contract() -> None:
         assert ((detection["labels"] >= 1) & (detection["labels"] < 4)).all()  # never the background
         assert (detection["boxes"][:, 2] <= w).all() and (detection["boxes"][:, 3] <= h).all()
         assert (detection["scores"][:-1] >= detection["scores"][1:]).all()
+
+
+def test_learnable_scales_start_as_a_no_op_then_learn_and_rescale_the_distances() -> None:
+    """The paper's per-level scalar on the distances: at 1 nothing changes; it is trained; it scales."""
+    torch.manual_seed(0)
+    plain = minis.models.build("fcos", num_classes=4, **SMALL, score_thresh=0.05).eval()
+    scaled = minis.models.build("fcos", num_classes=4, **SMALL, score_thresh=0.05, learnable_scales=True).eval()
+    missing, unexpected = scaled.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["head.scales"] and unexpected == []
+    assert torch.equal(scaled.head.scales.detach(), torch.ones(5))  # one per level, P3..P7
+    with torch.no_grad():
+        raised_scores = plain.head.cls_logits.bias.detach() + 4.0  # enough detections to compare
+        plain.head.cls_logits.bias.copy_(raised_scores)
+        scaled.head.cls_logits.bias.copy_(raised_scores)
+    images = [torch.rand(3, 100, 120, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        expected, got = plain(images)[0], scaled(images)[0]
+    assert len(expected["boxes"]) > 0
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(got[key], expected[key]), key
+
+    sizes = [(100, 130)]
+    losses = scaled.train()([torch.rand(3, 100, 130)], random_targets(sizes, 4, seed=0))
+    sum(losses.values()).backward()
+    assert scaled.head.scales.grad is not None and (scaled.head.scales.grad[:3] != 0).any()
+
+    scaled.eval()
+    with torch.no_grad():
+        scaled.head.scales.copy_(torch.tensor([2.0, 0.5, 1.5, 3.0, 0.25]))
+        features = plain.backbone(plain.transform(images)[0].tensors)  # the two share these weights
+        outputs_plain, outputs_scaled = plain.head(features), scaled.head(features)
+        rescaled = scaled(images)[0]
+    start = 0  # each level's distances are its scale times the plain model's (relu(s x) = s relu(x), s > 0)
+    for feature, scale in zip(features, scaled.head.scales.detach()):
+        level = slice(start, start + feature.shape[-2] * feature.shape[-1])
+        torch.testing.assert_close(outputs_scaled.distances[:, level], scale * outputs_plain.distances[:, level])
+        start = level.stop
+    assert start == outputs_plain.distances.shape[1]
+    torch.testing.assert_close(outputs_scaled.class_logits, outputs_plain.class_logits)
+    assert not torch.equal(rescaled["boxes"], expected["boxes"])
 
 
 def test_training_refuses_bad_targets_and_unknown_settings() -> None:

@@ -12,6 +12,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 import minis.models
+from minis.models.porting import torchvision_twin
 from minis.models.rcnn import (MaskScoringRCNN, RCNNConfig, gt_area_inside_boxes, mask_iou_targets,
                                project_masks_on_boxes)
 from minis.nn.detection import DetectionTransform, match_boxes, sample_balanced
@@ -348,12 +349,14 @@ def test_config_fields_are_builder_arguments() -> None:
 def test_torchvision_twin_of_a_small_minis_model_gives_the_same_detections() -> None:
     torch.manual_seed(0)
     ours = minis.models.build("mask_rcnn", num_classes=4, **SMALL, box_score_thresh=0.0).eval()
-    twin = minis.models.rcnn.torchvision_twin(ours)
+    twin = torchvision_twin(ours)
     assert type(twin).__name__ == "MaskRCNN" and not twin.training
     images = [torch.rand(3, 100, 120, generator=torch.Generator().manual_seed(0))]
     with torch.no_grad():
         assert_same_detections(ours(images), twin(images))
     assert_same_weights(ours, minis.models.from_torchvision(twin))  # and the round trip
+    with pytest.raises(TypeError, match="MaskScoringRCNN has no torchvision counterpart"):
+        torchvision_twin(minis.models.build("ms_rcnn", num_classes=4, **SMALL))
 
 
 def test_box_geometry_stays_float32_under_autocast() -> None:

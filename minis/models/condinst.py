@@ -60,7 +60,6 @@ class CondInstConfig(FCOSConfig):
     max_proposals: int = 500  # positive locations per batch that train the mask (a random subset if more)
     mask_loss_weight: float = 1.0
     semantic_loss_weight: float = 0.0  # > 0 turns the auxiliary semantic segmentation loss on
-    mask_threshold: float = 0.5  # only for users of binary masks; outputs stay probabilities
 
 
 def dynamic_layer_shapes(in_channels: int, channels: int, layers: int) -> list[tuple[int, int]]:
@@ -148,7 +147,6 @@ class MaskBranch(nn.Module):
         self.out = nn.Conv2d(channels, out_channels, 1)
         nn.init.kaiming_uniform_(self.out.weight, a=1)
         nn.init.zeros_(self.out.bias)
-        self.hidden_channels = channels
 
     def forward(self, p3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.tower(p3)

@@ -36,7 +36,7 @@ never carry label 0.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import NamedTuple, Sequence
 
 import torch
@@ -45,9 +45,6 @@ from torch import nn
 from torchvision.ops import batched_nms  # compiled; minis.ops.batched_nms is the same (tests/test_ops.py)
 
 from minis.models import register
-from minis.models.porting import (backbone_fpn_from_torchvision, load_into_twin, register_port, rename_keys,
-                                  torchvision_backbone_with_fpn)
-from minis.models.rcnn import SHAPES_RECIPE as RCNN_SHAPES_RECIPE
 from minis.models.rcnn import SHAPES_RECIPE as RCNN_SHAPES_RECIPE
 from minis.nn.detection import DetectionTransform, ImageBatch, training_targets
 from minis.nn.fpn import BackboneFPN, backbone_fpn
@@ -77,6 +74,7 @@ class FCOSConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     box_loss: str = "giou"  # or "iou": -ln(IoU), the FCOS paper's (torchvision's FCOS uses GIoU)
+    learnable_scales: bool = False  # True: the paper's learnable scalar per level on the distances (not in torchvision)
     # inference
     score_thresh: float = 0.2
     nms_thresh: float = 0.6
@@ -131,10 +129,16 @@ class FCOSHead(nn.Module):
     Centre-ness sits on the regression tower (the FCOS journal version: better than on the
     classification tower). Distances go through a ReLU: they are measured in strides, and a
     location inside its box has all four positive.
+
+    With ``num_scales`` (one per level), each level's distances are multiplied by a learnable
+    scalar before the ReLU, initialised to 1: the paper's ``exp(s_i x)``, which lets levels that
+    share the head's weights still output distances of their own range.
     """
 
-    def __init__(self, channels: int, num_classes: int, convs: int = 4, prior_probability: float = 0.01) -> None:
+    def __init__(self, channels: int, num_classes: int, convs: int = 4, prior_probability: float = 0.01,
+                 num_scales: int = 0) -> None:
         super().__init__()
+        self.scales = nn.Parameter(torch.ones(num_scales)) if num_scales else None
         self.cls_tower = tower(channels, convs)
         self.box_tower = tower(channels, convs)
         self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
@@ -149,9 +153,12 @@ class FCOSHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> HeadOutputs:
         cls_features = [self.cls_tower(f) for f in features]
         box_features = [self.box_tower(f) for f in features]
+        distances = [self.distances(f) for f in box_features]
+        if self.scales is not None:
+            distances = [d * scale for d, scale in zip(distances, self.scales)]
         return HeadOutputs(
             flatten_levels([self.cls_logits(f) for f in cls_features]),
-            flatten_levels([F.relu(self.distances(f)) for f in box_features]),
+            flatten_levels([F.relu(d) for d in distances]),
             flatten_levels([self.centerness(f) for f in box_features])[..., 0],
             box_features,
         )
@@ -286,7 +293,8 @@ class FCOS(nn.Module):
         self.num_classes = num_classes
         self.transform = DetectionTransform(config.min_size, config.max_size, config.image_mean, config.image_std)
         self.backbone = backbone
-        self.head = FCOSHead(backbone.channels, num_classes, config.head_convs, config.prior_probability)
+        self.head = FCOSHead(backbone.channels, num_classes, config.head_convs, config.prior_probability,
+                             len(backbone.strides) if config.learnable_scales else 0)
 
     def forward(self, images: Sequence[torch.Tensor], targets: list[dict] | None = None):
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
@@ -401,7 +409,7 @@ SHAPES_RECIPE: dict = RCNN_SHAPES_RECIPE
 
 
 # ----------------------------------------------------------------------------------------------
-# Builder and the torchvision port
+# Builder
 # ----------------------------------------------------------------------------------------------
 
 
@@ -422,77 +430,3 @@ def fcos(num_classes: int, backbone: str = "resnet50", pretrained_backbone: bool
     return FCOS(build_fcos_backbone(backbone, pretrained_backbone, fpn_channels, trainable_layers), num_classes,
                 settings)
 
-
-# torchvision state-dict key prefixes -> minis ones (the rest of each key is unchanged)
-_KEY_MAP = (
-    ("backbone.fpn.inner_blocks.{i}.0.", "backbone.fpn.lateral.{i}."),
-    ("backbone.fpn.layer_blocks.{i}.0.", "backbone.fpn.smooth.{i}."),
-    ("backbone.fpn.extra_blocks.", "backbone.fpn."),
-    ("head.classification_head.conv.", "head.cls_tower."),
-    ("head.classification_head.cls_logits.", "head.cls_logits."),
-    ("head.regression_head.conv.", "head.box_tower."),
-    ("head.regression_head.bbox_reg.", "head.distances."),
-    ("head.regression_head.bbox_ctrness.", "head.centerness."),
-)
-
-
-def _config_from_torchvision(tv_model: nn.Module) -> FCOSConfig:
-    transform, generator = tv_model.transform, tv_model.anchor_generator
-    if getattr(transform, "fixed_size", None) is not None or getattr(transform, "_skip_resize", False):
-        raise ValueError("torchvision models with a fixed_size or _skip_resize transform have no minis port")
-    sizes = tuple(s for level in generator.sizes for s in level)
-    if sizes != (8, 16, 32, 64, 128) or any(tuple(r) != (1.0,) for r in generator.aspect_ratios):
-        raise ValueError(f"the port expects one square anchor per location of the size of its stride "
-                         f"(8, 16, 32, 64, 128), got sizes {sizes}")
-    head = tv_model.head
-    if any(isinstance(m, nn.Conv2d) and m.out_channels != m.in_channels for m in head.classification_head.conv):
-        raise ValueError("the port expects head towers that keep the channel count")
-    return FCOSConfig(
-        min_size=tuple(transform.min_size) if len(transform.min_size) > 1 else transform.min_size[0],
-        max_size=transform.max_size, image_mean=tuple(transform.image_mean), image_std=tuple(transform.image_std),
-        head_convs=sum(isinstance(m, nn.Conv2d) for m in head.classification_head.conv),
-        center_sampling_radius=tv_model.center_sampling_radius, score_thresh=tv_model.score_thresh,
-        nms_thresh=tv_model.nms_thresh, detections_per_img=tv_model.detections_per_img,
-        topk_candidates=tv_model.topk_candidates)
-
-
-@register_port("FCOS")
-def from_torchvision_fcos(tv_model: nn.Module) -> FCOS:
-    """torchvision's ``fcos_resnet50_fpn`` (any weights) as a minis :class:`FCOS`: same weights, settings, outputs."""
-    num_classes = tv_model.head.classification_head.num_classes
-    config = _config_from_torchvision(tv_model)
-    backbone = backbone_fpn_from_torchvision(tv_model.backbone, levels=FCOS_LEVELS, top="p6p7")
-    model = FCOS(backbone, num_classes, config)
-    model.load_state_dict({rename_keys(k, _KEY_MAP): v for k, v in tv_model.state_dict().items()}, strict=True)
-    model.build_args = {"name": "fcos", "num_classes": num_classes, "backbone": f"resnet{backbone.body.depth}",
-                        "fpn_channels": backbone.channels,
-                        **{k: v for k, v in asdict(config).items() if getattr(FCOSConfig, k, None) != v}}
-    return model.train(tv_model.training)
-
-
-def torchvision_twin(model: FCOS) -> nn.Module:
-    """The torchvision ``FCOS`` with this model's architecture, settings and weights (any minis backbone).
-
-    The inverse of :func:`from_torchvision_fcos`, so that the two implementations can be trained
-    side by side from the same start (``python -m minis bench fcos-training``).
-    """
-    from torchvision.models.detection import FCOS as TorchvisionFCOS
-    from torchvision.models.detection.fcos import FCOSHead as TorchvisionFCOSHead
-
-    cfg = model.config
-    if type(model) is not FCOS:
-        raise TypeError(f"{type(model).__name__} has no torchvision counterpart")
-    if cfg.level_bounds is not None or cfg.location_offset != 0.0:
-        raise ValueError("torchvision's FCOS has fixed level ranges (8 x stride) and locations at offset 0")
-    if tuple(model.backbone.strides) != (8, 16, 32, 64, 128):
-        raise ValueError(f"torchvision's FCOS expects levels of strides 8..128, got {model.backbone.strides}")
-    if (cfg.focal_alpha, cfg.focal_gamma, cfg.box_loss) != (0.25, 2.0, "giou"):
-        raise ValueError("torchvision's FCOS uses the focal loss with alpha 0.25 and gamma 2, and the GIoU loss")
-    backbone = torchvision_backbone_with_fpn(model.backbone)
-    head = TorchvisionFCOSHead(backbone.out_channels, 1, model.num_classes, cfg.head_convs)
-    twin = TorchvisionFCOS(backbone, num_classes=model.num_classes, head=head, min_size=cfg.min_size,
-                           max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
-                           center_sampling_radius=cfg.center_sampling_radius, score_thresh=cfg.score_thresh,
-                           nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
-                           topk_candidates=cfg.topk_candidates)
-    return load_into_twin(twin, model, _KEY_MAP)

@@ -1,16 +1,30 @@
-"""Conversions from torchvision models to minis models (same weights, same outputs).
+"""Conversions between torchvision models and minis models (same weights, same outputs).
 
-A model file declares its converter with ``@register_port("FCN")`` (the torchvision class
-name); :func:`minis.models.from_torchvision` dispatches on the class of the model it is given.
+:func:`minis.models.from_torchvision` dispatches on the class of the torchvision model it is
+given to the converter registered for it with ``@register_port("FCN")`` (the torchvision class
+name). The semantic models' converters sit at the end of their model files (``fcn.py``,
+``deeplab.py``); the detectors' are here, with their inverse, :func:`torchvision_twin`, which
+builds the torchvision model of a minis detector (any backbone, its settings and weights) so that
+the two can be trained side by side (``python -m minis bench rcnn-training`` / ``fcos-training``).
+A model file then holds only its architecture.
+
+Sections: the registry; renaming state-dict keys; the ResNet-FPN backbone both ways; Faster /
+Mask R-CNN; FCOS.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
+# The detectors' files do not import this module (the semantic ones do, for register_port), so
+# importing them here makes no cycle that depends on the order of imports in minis.models.
+from minis.models.fcos import FCOS, FCOS_LEVELS, FCOSConfig
+from minis.models.rcnn import FasterRCNN, MaskRCNN, RCNNConfig
 from minis.nn.fpn import BackboneFPN
 
 Converter = Callable[[torch.nn.Module], torch.nn.Module]
@@ -118,3 +132,225 @@ def torchvision_backbone_with_fpn(backbone: BackboneFPN) -> torch.nn.Module:
     return_layers = {f"layer{int(name[1:]) - 1}": str(i) for i, name in enumerate(backbone.levels)}
     return BackboneWithFPN(body, return_layers, [body.channels[name] for name in backbone.levels], backbone.channels,
                            extra_blocks=extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared by the detectors' ports
+# ----------------------------------------------------------------------------------------------
+
+
+def _transform_settings(transform: nn.Module) -> dict:
+    """The image settings of a torchvision ``GeneralizedRCNNTransform`` as minis config fields."""
+    if getattr(transform, "fixed_size", None) is not None or getattr(transform, "_skip_resize", False):
+        raise ValueError("torchvision models with a fixed_size or _skip_resize transform have no minis port")
+    return {"min_size": tuple(transform.min_size) if len(transform.min_size) > 1 else transform.min_size[0],
+            "max_size": transform.max_size, "image_mean": tuple(transform.image_mean),
+            "image_std": tuple(transform.image_std)}
+
+
+def _build_args(name: str, num_classes: int, backbone: BackboneFPN, config, defaults: type) -> dict:
+    """``model.build_args`` of a ported model: what ``minis.models.build`` needs to build it again."""
+    return {"name": name, "num_classes": num_classes, "backbone": f"resnet{backbone.body.depth}",
+            "fpn_channels": backbone.channels,
+            **{k: v for k, v in asdict(config).items() if getattr(defaults, k, None) != v}}
+
+
+def torchvision_twin(model: nn.Module) -> nn.Module:
+    """The torchvision model with this minis detector's architecture, settings and weights; same mode.
+
+    The inverse of :func:`minis.models.from_torchvision` for Faster / Mask R-CNN and FCOS, for
+    any minis backbone (the small CPU ResNet included: torchvision's ``BackboneWithFPN`` wraps the
+    same ResNet body). It lets the two implementations be trained side by side from the same
+    starting point (``python -m minis bench rcnn-training`` / ``fcos-training``).
+
+    Raises:
+        TypeError: the model has no torchvision counterpart (Mask Scoring R-CNN, CondInst, ...).
+        ValueError: a setting torchvision's model cannot follow (FCOS's level ranges, learnable scales).
+    """
+    if type(model) in (FasterRCNN, MaskRCNN):  # exactly: their subclasses (MS R-CNN, ...) add what torchvision lacks
+        return _rcnn_twin(model)
+    if type(model) is FCOS:  # not CondInst
+        return _fcos_twin(model)
+    raise TypeError(f"{type(model).__name__} has no torchvision counterpart")
+
+
+# ----------------------------------------------------------------------------------------------
+# Faster R-CNN and Mask R-CNN
+# ----------------------------------------------------------------------------------------------
+
+# torchvision state-dict key prefixes -> minis ones (the rest of each key is unchanged)
+RCNN_KEY_MAP = (
+    ("backbone.fpn.inner_blocks.{i}.0.", "backbone.fpn.lateral.{i}."),
+    ("backbone.fpn.layer_blocks.{i}.0.", "backbone.fpn.smooth.{i}."),
+    ("rpn.head.conv.0.0.", "rpn.head.conv."),
+    ("rpn.head.cls_logits.", "rpn.head.objectness."),
+    ("rpn.head.bbox_pred.", "rpn.head.deltas."),
+    ("roi_heads.box_head.", "box_head."),
+    ("roi_heads.box_predictor.", "box_predictor."),
+    ("roi_heads.mask_head.{i}.0.", "mask_head.convs.{i}."),
+    ("roi_heads.mask_predictor.conv5_mask.", "mask_head.upsample."),
+    ("roi_heads.mask_predictor.mask_fcn_logits.", "mask_head.logits."),
+)
+
+
+def _rcnn_config(tv_model: nn.Module) -> RCNNConfig:
+    """The :class:`RCNNConfig` of a torchvision ``FasterRCNN`` / ``MaskRCNN``; refuses layouts minis lacks."""
+    images = _transform_settings(tv_model.transform)
+    rpn, heads = tv_model.rpn, tv_model.roi_heads
+    generator = rpn.anchor_generator
+    if any(len(sizes) != 1 for sizes in generator.sizes) or len(set(map(tuple, generator.aspect_ratios))) != 1:
+        raise ValueError("the port expects one anchor size per FPN level and the same aspect ratios on every level")
+    for pooler, size in ((heads.box_roi_pool, 7), (getattr(heads, "mask_roi_pool", None), 14)):
+        if pooler is not None and (tuple(pooler.output_size) != (size, size) or pooler.sampling_ratio != 2
+                                   or list(pooler.featmap_names) != ["0", "1", "2", "3"]):
+            raise ValueError(f"the port expects RoIAlign {size}x{size}, sampling ratio 2, on FPN levels 0-3")
+    return RCNNConfig(
+        **images,
+        anchor_sizes=tuple(sizes[0] for sizes in generator.sizes), aspect_ratios=tuple(generator.aspect_ratios[0]),
+        rpn_pre_nms_top_n_train=rpn._pre_nms_top_n["training"], rpn_pre_nms_top_n_test=rpn._pre_nms_top_n["testing"],
+        rpn_post_nms_top_n_train=rpn._post_nms_top_n["training"],
+        rpn_post_nms_top_n_test=rpn._post_nms_top_n["testing"],
+        rpn_nms_thresh=rpn.nms_thresh, rpn_fg_iou_thresh=rpn.proposal_matcher.high_threshold,
+        rpn_bg_iou_thresh=rpn.proposal_matcher.low_threshold,
+        rpn_batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
+        rpn_positive_fraction=rpn.fg_bg_sampler.positive_fraction, rpn_score_thresh=rpn.score_thresh,
+        representation_size=heads.box_head.fc7.out_features,
+        box_score_thresh=heads.score_thresh, box_nms_thresh=heads.nms_thresh,
+        box_detections_per_img=heads.detections_per_img,
+        box_fg_iou_thresh=heads.proposal_matcher.high_threshold, box_bg_iou_thresh=heads.proposal_matcher.low_threshold,
+        box_batch_size_per_image=heads.fg_bg_sampler.batch_size_per_image,
+        box_positive_fraction=heads.fg_bg_sampler.positive_fraction,
+        bbox_reg_weights=tuple(heads.box_coder.weights),
+    )
+
+
+@register_port("FasterRCNN")
+@register_port("MaskRCNN")
+def from_torchvision_rcnn(tv_model: nn.Module) -> FasterRCNN:
+    """torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` (any weights) as a minis model.
+
+    Same weights, same settings (image sizes, normalisation, thresholds, detections per image),
+    same outputs. The ``_v2`` variants (convolutional box head with batch norm) are refused.
+    """
+    heads = tv_model.roi_heads
+    if type(heads.box_head).__name__ != "TwoMLPHead":
+        raise ValueError(f"the port handles the TwoMLPHead box head (not the _v2 models), got "
+                         f"{type(heads.box_head).__name__}")
+    has_mask = getattr(heads, "mask_predictor", None) is not None
+    num_classes = heads.box_predictor.cls_score.out_features
+    config = _rcnn_config(tv_model)
+    if has_mask:
+        config.mask_head_channels = heads.mask_predictor.conv5_mask.out_channels
+        config.mask_head_layers = len(heads.mask_head)
+    backbone = backbone_fpn_from_torchvision(tv_model.backbone)
+    model = (MaskRCNN if has_mask else FasterRCNN)(backbone, num_classes, config)
+    model.load_state_dict({rename_keys(k, RCNN_KEY_MAP): v for k, v in tv_model.state_dict().items()}, strict=True)
+    model.build_args = _build_args("mask_rcnn" if has_mask else "faster_rcnn", num_classes, backbone, config,
+                                   RCNNConfig)
+    return model.train(tv_model.training)
+
+
+def _rcnn_twin(model: FasterRCNN) -> nn.Module:
+    """torchvision's ``FasterRCNN`` / ``MaskRCNN`` for a minis one (see :func:`torchvision_twin`)."""
+    from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+    from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    cfg, channels = model.config, model.backbone.channels
+    backbone = torchvision_backbone_with_fpn(model.backbone)
+    options = dict(
+        min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
+        rpn_anchor_generator=TorchvisionAnchorGenerator(tuple((s,) for s in cfg.anchor_sizes),
+                                                        (tuple(cfg.aspect_ratios),) * len(cfg.anchor_sizes)),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_nms_thresh=cfg.rpn_nms_thresh, rpn_fg_iou_thresh=cfg.rpn_fg_iou_thresh,
+        rpn_bg_iou_thresh=cfg.rpn_bg_iou_thresh, rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        rpn_positive_fraction=cfg.rpn_positive_fraction, rpn_score_thresh=cfg.rpn_score_thresh,
+        box_head=TwoMLPHead(channels * FasterRCNN.box_pool_size ** 2, cfg.representation_size),
+        box_predictor=FastRCNNPredictor(cfg.representation_size, model.num_classes),
+        box_score_thresh=cfg.box_score_thresh, box_nms_thresh=cfg.box_nms_thresh,
+        box_detections_per_img=cfg.box_detections_per_img, box_fg_iou_thresh=cfg.box_fg_iou_thresh,
+        box_bg_iou_thresh=cfg.box_bg_iou_thresh, box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_positive_fraction=cfg.box_positive_fraction, bbox_reg_weights=cfg.bbox_reg_weights,
+    )
+    if isinstance(model, MaskRCNN):
+        options.update(mask_head=MaskRCNNHeads(channels, [cfg.mask_head_channels] * cfg.mask_head_layers, 1),
+                       mask_predictor=MaskRCNNPredictor(cfg.mask_head_channels, cfg.mask_head_channels,
+                                                        model.num_classes))
+        twin = TorchvisionMaskRCNN(backbone, num_classes=None, **options)
+    else:
+        twin = TorchvisionFasterRCNN(backbone, num_classes=None, **options)
+    return load_into_twin(twin, model, RCNN_KEY_MAP)
+
+
+# ----------------------------------------------------------------------------------------------
+# FCOS
+# ----------------------------------------------------------------------------------------------
+
+FCOS_KEY_MAP = (
+    ("backbone.fpn.inner_blocks.{i}.0.", "backbone.fpn.lateral.{i}."),
+    ("backbone.fpn.layer_blocks.{i}.0.", "backbone.fpn.smooth.{i}."),
+    ("backbone.fpn.extra_blocks.", "backbone.fpn."),
+    ("head.classification_head.conv.", "head.cls_tower."),
+    ("head.classification_head.cls_logits.", "head.cls_logits."),
+    ("head.regression_head.conv.", "head.box_tower."),
+    ("head.regression_head.bbox_reg.", "head.distances."),
+    ("head.regression_head.bbox_ctrness.", "head.centerness."),
+)
+
+
+def _fcos_config(tv_model: nn.Module) -> FCOSConfig:
+    """The :class:`FCOSConfig` of a torchvision ``FCOS``; refuses layouts minis lacks."""
+    images = _transform_settings(tv_model.transform)
+    generator, head = tv_model.anchor_generator, tv_model.head
+    sizes = tuple(s for level in generator.sizes for s in level)
+    if sizes != (8, 16, 32, 64, 128) or any(tuple(r) != (1.0,) for r in generator.aspect_ratios):
+        raise ValueError(f"the port expects one square anchor per location of the size of its stride "
+                         f"(8, 16, 32, 64, 128), got sizes {sizes}")
+    if any(isinstance(m, nn.Conv2d) and m.out_channels != m.in_channels for m in head.classification_head.conv):
+        raise ValueError("the port expects head towers that keep the channel count")
+    return FCOSConfig(
+        **images,
+        head_convs=sum(isinstance(m, nn.Conv2d) for m in head.classification_head.conv),
+        center_sampling_radius=tv_model.center_sampling_radius, score_thresh=tv_model.score_thresh,
+        nms_thresh=tv_model.nms_thresh, detections_per_img=tv_model.detections_per_img,
+        topk_candidates=tv_model.topk_candidates)
+
+
+@register_port("FCOS")
+def from_torchvision_fcos(tv_model: nn.Module) -> FCOS:
+    """torchvision's ``fcos_resnet50_fpn`` (any weights) as a minis :class:`FCOS`: same weights, settings, outputs."""
+    num_classes = tv_model.head.classification_head.num_classes
+    config = _fcos_config(tv_model)
+    backbone = backbone_fpn_from_torchvision(tv_model.backbone, levels=FCOS_LEVELS, top="p6p7")
+    model = FCOS(backbone, num_classes, config)
+    model.load_state_dict({rename_keys(k, FCOS_KEY_MAP): v for k, v in tv_model.state_dict().items()}, strict=True)
+    model.build_args = _build_args("fcos", num_classes, backbone, config, FCOSConfig)
+    return model.train(tv_model.training)
+
+
+def _fcos_twin(model: FCOS) -> nn.Module:
+    """torchvision's ``FCOS`` for a minis one (see :func:`torchvision_twin`)."""
+    from torchvision.models.detection import FCOS as TorchvisionFCOS
+    from torchvision.models.detection.fcos import FCOSHead as TorchvisionFCOSHead
+
+    cfg = model.config
+    if cfg.level_bounds is not None or cfg.location_offset != 0.0:
+        raise ValueError("torchvision's FCOS has fixed level ranges (8 x stride) and locations at offset 0")
+    if cfg.learnable_scales:
+        raise ValueError("torchvision's FCOS has no learnable per-level scales")
+    if tuple(model.backbone.strides) != (8, 16, 32, 64, 128):
+        raise ValueError(f"torchvision's FCOS expects levels of strides 8..128, got {model.backbone.strides}")
+    if (cfg.focal_alpha, cfg.focal_gamma, cfg.box_loss) != (0.25, 2.0, "giou"):
+        raise ValueError("torchvision's FCOS uses the focal loss with alpha 0.25 and gamma 2, and the GIoU loss")
+    backbone = torchvision_backbone_with_fpn(model.backbone)
+    head = TorchvisionFCOSHead(backbone.out_channels, 1, model.num_classes, cfg.head_convs)
+    twin = TorchvisionFCOS(backbone, num_classes=model.num_classes, head=head, min_size=cfg.min_size,
+                           max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
+                           center_sampling_radius=cfg.center_sampling_radius, score_thresh=cfg.score_thresh,
+                           nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
+                           topk_candidates=cfg.topk_candidates)
+    return load_into_twin(twin, model, FCOS_KEY_MAP)

@@ -20,15 +20,15 @@
   keep their class scores, as in the paper, which re-scores masks only.
 
 The three models are one class each, each extending the one before. Every step matches
-torchvision's ``FasterRCNN`` and ``MaskRCNN`` number for number: :func:`from_torchvision_rcnn`
-loads their weights and the tests compare the outputs, and the training losses, given the same
-random state. The FPN and image plumbing live in :mod:`minis.nn.fpn` and
+torchvision's ``FasterRCNN`` and ``MaskRCNN`` number for number: ``minis.models.from_torchvision``
+(:mod:`minis.models.porting`) loads their weights and the tests compare the outputs, and the
+training losses, given the same random state. The FPN and image plumbing live in :mod:`minis.nn.fpn` and
 :mod:`minis.nn.detection`; boxes, anchors, NMS and RoIAlign in :mod:`minis.ops`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Sequence
 
 import torch
@@ -40,8 +40,6 @@ from torch import nn
 from torchvision.ops import batched_nms, roi_align
 
 from minis.models import register
-from minis.models.porting import (backbone_fpn_from_torchvision, load_into_twin, register_port, rename_keys,
-                                  torchvision_backbone_with_fpn)
 from minis.nn.detection import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, DetectionTransform, ImageBatch,
                                 match_boxes, sample_balanced, training_targets)
 from minis.nn.fpn import BackboneFPN, backbone_fpn
@@ -91,13 +89,6 @@ class RCNNConfig:
     mask_head_layers: int = 4
     # mask scoring head (Mask Scoring R-CNN only)
     maskiou_weight: float = 1.0
-
-    @classmethod
-    def from_kwargs(cls, kwargs: dict) -> tuple["RCNNConfig", dict]:
-        """Split builder keyword arguments into a config and the rest."""
-        names = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in kwargs.items() if k in names})
-        return config, {k: v for k, v in kwargs.items() if k not in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -670,7 +661,7 @@ SHAPES_RECIPE: dict = {"epochs": 6, "batch_size": 8, "lr": 0.003, "optimizer": "
 
 
 # ----------------------------------------------------------------------------------------------
-# Builders and the torchvision port
+# Builders
 # ----------------------------------------------------------------------------------------------
 
 
@@ -704,124 +695,3 @@ def ms_rcnn(num_classes: int, backbone: str = "resnet50", pretrained_backbone: b
     return _build(MaskScoringRCNN, num_classes, backbone, pretrained_backbone, fpn_channels, trainable_layers,
                   **config)
 
-
-# torchvision state-dict key prefixes -> minis ones (the rest of each key is unchanged)
-_KEY_MAP = (
-    ("backbone.fpn.inner_blocks.{i}.0.", "backbone.fpn.lateral.{i}."),
-    ("backbone.fpn.layer_blocks.{i}.0.", "backbone.fpn.smooth.{i}."),
-    ("rpn.head.conv.0.0.", "rpn.head.conv."),
-    ("rpn.head.cls_logits.", "rpn.head.objectness."),
-    ("rpn.head.bbox_pred.", "rpn.head.deltas."),
-    ("roi_heads.box_head.", "box_head."),
-    ("roi_heads.box_predictor.", "box_predictor."),
-    ("roi_heads.mask_head.{i}.0.", "mask_head.convs.{i}."),
-    ("roi_heads.mask_predictor.conv5_mask.", "mask_head.upsample."),
-    ("roi_heads.mask_predictor.mask_fcn_logits.", "mask_head.logits."),
-)
-
-
-def _minis_key(key: str) -> str:
-    return rename_keys(key, _KEY_MAP)
-
-
-def _config_from_torchvision(tv_model: nn.Module) -> RCNNConfig:
-    transform, rpn, heads = tv_model.transform, tv_model.rpn, tv_model.roi_heads
-    if getattr(transform, "fixed_size", None) is not None or getattr(transform, "_skip_resize", False):
-        raise ValueError("torchvision models with a fixed_size or _skip_resize transform have no minis port")
-    generator = rpn.anchor_generator
-    if any(len(sizes) != 1 for sizes in generator.sizes) or len(set(map(tuple, generator.aspect_ratios))) != 1:
-        raise ValueError("the port expects one anchor size per FPN level and the same aspect ratios on every level")
-    for pooler, size in ((heads.box_roi_pool, 7), (getattr(heads, "mask_roi_pool", None), 14)):
-        if pooler is not None and (tuple(pooler.output_size) != (size, size) or pooler.sampling_ratio != 2
-                                   or list(pooler.featmap_names) != ["0", "1", "2", "3"]):
-            raise ValueError(f"the port expects RoIAlign {size}x{size}, sampling ratio 2, on FPN levels 0-3")
-    return RCNNConfig(
-        min_size=tuple(transform.min_size) if len(transform.min_size) > 1 else transform.min_size[0],
-        max_size=transform.max_size, image_mean=tuple(transform.image_mean), image_std=tuple(transform.image_std),
-        anchor_sizes=tuple(sizes[0] for sizes in generator.sizes), aspect_ratios=tuple(generator.aspect_ratios[0]),
-        rpn_pre_nms_top_n_train=rpn._pre_nms_top_n["training"], rpn_pre_nms_top_n_test=rpn._pre_nms_top_n["testing"],
-        rpn_post_nms_top_n_train=rpn._post_nms_top_n["training"],
-        rpn_post_nms_top_n_test=rpn._post_nms_top_n["testing"],
-        rpn_nms_thresh=rpn.nms_thresh, rpn_fg_iou_thresh=rpn.proposal_matcher.high_threshold,
-        rpn_bg_iou_thresh=rpn.proposal_matcher.low_threshold,
-        rpn_batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
-        rpn_positive_fraction=rpn.fg_bg_sampler.positive_fraction, rpn_score_thresh=rpn.score_thresh,
-        representation_size=heads.box_head.fc7.out_features,
-        box_score_thresh=heads.score_thresh, box_nms_thresh=heads.nms_thresh,
-        box_detections_per_img=heads.detections_per_img,
-        box_fg_iou_thresh=heads.proposal_matcher.high_threshold, box_bg_iou_thresh=heads.proposal_matcher.low_threshold,
-        box_batch_size_per_image=heads.fg_bg_sampler.batch_size_per_image,
-        box_positive_fraction=heads.fg_bg_sampler.positive_fraction,
-        bbox_reg_weights=tuple(heads.box_coder.weights),
-    )
-
-
-@register_port("FasterRCNN")
-@register_port("MaskRCNN")
-def from_torchvision_rcnn(tv_model: nn.Module) -> FasterRCNN:
-    """torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` (any weights) as a minis model.
-
-    Same weights, same settings (image sizes, normalisation, thresholds, detections per image),
-    same outputs. The ``_v2`` variants (convolutional box head with batch norm) are refused.
-    """
-    heads = tv_model.roi_heads
-    if type(heads.box_head).__name__ != "TwoMLPHead":
-        raise ValueError(f"the port handles the TwoMLPHead box head (not the _v2 models), got "
-                         f"{type(heads.box_head).__name__}")
-    has_mask = getattr(heads, "mask_predictor", None) is not None
-    num_classes = heads.box_predictor.cls_score.out_features
-    config = _config_from_torchvision(tv_model)
-    if has_mask:
-        config.mask_head_channels = heads.mask_predictor.conv5_mask.out_channels
-        config.mask_head_layers = len(heads.mask_head)
-    model = (MaskRCNN if has_mask else FasterRCNN)(backbone_fpn_from_torchvision(tv_model.backbone), num_classes, config)
-    state = {_minis_key(k): v for k, v in tv_model.state_dict().items()}
-    model.load_state_dict(state, strict=True)
-    model.build_args = {"name": "mask_rcnn" if has_mask else "faster_rcnn", "num_classes": num_classes,
-                        "backbone": f"resnet{model.backbone.body.depth}", "fpn_channels": model.backbone.channels,
-                        **{k: v for k, v in asdict(config).items() if getattr(RCNNConfig, k, None) != v}}
-    return model.train(tv_model.training)
-
-
-def torchvision_twin(model: FasterRCNN) -> nn.Module:
-    """The torchvision ``FasterRCNN`` / ``MaskRCNN`` with this model's architecture, settings and weights.
-
-    The inverse of :func:`from_torchvision_rcnn`, for any minis backbone (the small CPU ResNet
-    included): torchvision's ``BackboneWithFPN`` wraps the same ResNet body. It lets the two
-    implementations be trained side by side from the same starting point
-    (``python -m minis bench rcnn-training``); Mask Scoring R-CNN has no torchvision twin.
-    """
-    from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
-    from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-
-    if isinstance(model, MaskScoringRCNN):
-        raise TypeError("Mask Scoring R-CNN has no torchvision counterpart")
-    cfg, channels = model.config, model.backbone.channels
-    backbone = torchvision_backbone_with_fpn(model.backbone)
-    options = dict(
-        min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
-        rpn_anchor_generator=TorchvisionAnchorGenerator(tuple((s,) for s in cfg.anchor_sizes),
-                                                        (tuple(cfg.aspect_ratios),) * len(cfg.anchor_sizes)),
-        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
-        rpn_nms_thresh=cfg.rpn_nms_thresh, rpn_fg_iou_thresh=cfg.rpn_fg_iou_thresh,
-        rpn_bg_iou_thresh=cfg.rpn_bg_iou_thresh, rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-        rpn_positive_fraction=cfg.rpn_positive_fraction, rpn_score_thresh=cfg.rpn_score_thresh,
-        box_head=TwoMLPHead(channels * FasterRCNN.box_pool_size ** 2, cfg.representation_size),
-        box_predictor=FastRCNNPredictor(cfg.representation_size, model.num_classes),
-        box_score_thresh=cfg.box_score_thresh, box_nms_thresh=cfg.box_nms_thresh,
-        box_detections_per_img=cfg.box_detections_per_img, box_fg_iou_thresh=cfg.box_fg_iou_thresh,
-        box_bg_iou_thresh=cfg.box_bg_iou_thresh, box_batch_size_per_image=cfg.box_batch_size_per_image,
-        box_positive_fraction=cfg.box_positive_fraction, bbox_reg_weights=cfg.bbox_reg_weights,
-    )
-    if isinstance(model, MaskRCNN):
-        options.update(mask_head=MaskRCNNHeads(channels, [cfg.mask_head_channels] * cfg.mask_head_layers, 1),
-                       mask_predictor=MaskRCNNPredictor(cfg.mask_head_channels, cfg.mask_head_channels,
-                                                        model.num_classes))
-        twin = TorchvisionMaskRCNN(backbone, num_classes=None, **options)
-    else:
-        twin = TorchvisionFasterRCNN(backbone, num_classes=None, **options)
-    return load_into_twin(twin, model, _KEY_MAP)

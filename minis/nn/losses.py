@@ -16,7 +16,7 @@
   needs no weighting of foreground against background pixels.
 
 The focal and GIoU losses compute the same numbers as ``torchvision.ops.sigmoid_focal_loss`` and
-``torchvision.ops.generalized_box_iou_loss`` (tests/test_losses.py).
+``torchvision.ops.generalized_box_iou_loss`` (tests/test_fcos.py, where FCOS uses them).
 """
 
 from __future__ import annotations
