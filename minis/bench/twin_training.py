@@ -22,7 +22,7 @@ from minis.cli import UserError
 
 RCNN_TRAINING_COLUMNS = [("implementation", ""), ("box_AP", ".4f"), ("mask_AP", ".4f"), ("mask_AP50", ".4f"),
                          ("final_loss", ".4f"), ("train_s", ".1f")]
-# the detectors with a torchvision twin to train -> the model file that holds the twin, settings and recipe
+# the detectors with a torchvision twin to train -> the model file that holds their settings and recipe
 TWIN_MODEL_FILES = {"mask_rcnn": "rcnn", "faster_rcnn": "rcnn", "fcos": "fcos"}
 
 
@@ -39,9 +39,9 @@ def bench_twin_training(
     """Train a minis detector (``mask_rcnn``, ``faster_rcnn`` or ``fcos``) and its torchvision twin the same way.
 
     ``root`` holds a shapes benchmark; when it holds none, the chapters' plain variant
-    (:data:`minis.data.shapes.SEMANTIC_SHAPES`) is generated there. The torchvision model is the
-    model file's ``torchvision_twin`` of the minis one: the same backbone (by default the
-    chapters' small one, the model file's ``SHAPES_SETTINGS``), settings and initial weights. The
+    (:data:`minis.data.shapes.SEMANTIC_SHAPES`) is generated there. The torchvision model is
+    :func:`minis.models.porting.torchvision_twin` of the minis one: the same backbone (by default
+    the chapters' small one, the model file's ``SHAPES_SETTINGS``), settings and initial weights. The
     minis Trainer trains both with the same data order, optimizer, schedule and seed: the model
     file's ``SHAPES_RECIPE`` (the chapters' recipe), which ``train_config`` overrides, and
     pycocotools scores both on the validation set. The runs draw the same random samples, so what
@@ -52,6 +52,7 @@ def bench_twin_training(
     ``train_s``.
     """
     import minis.models
+    from minis.models.porting import torchvision_twin
 
     if name not in TWIN_MODEL_FILES:
         raise ValueError(f"no torchvision twin to train for {name!r}; choose from {', '.join(TWIN_MODEL_FILES)}")
@@ -60,7 +61,7 @@ def bench_twin_training(
     torch.manual_seed(seed)
     ours = minis.models.build(name, num_classes=train_set.num_classes,
                               **(module.SHAPES_SETTINGS if model_kwargs is None else model_kwargs))
-    twin = module.torchvision_twin(ours)
+    twin = torchvision_twin(ours)
     rows = []
     for implementation, model in (("minis", ours), ("torchvision", twin)):
         if progress:
@@ -85,7 +86,8 @@ def bench_rcnn_training(root: str = "data/shapes_semantic", **options: Any) -> l
 
 # command -> (model, title, the AP whose gap is printed, help)
 _COMMANDS = {
-    "rcnn-training": ("mask_rcnn", "Mask R-CNN", "mask_AP", "train minis' and torchvision's Mask R-CNN alike; AP of each"),
+    "rcnn-training": ("mask_rcnn", "Mask R-CNN", "mask_AP",
+                      "train minis' and torchvision's Mask R-CNN alike; AP of each"),
     "fcos-training": ("fcos", "FCOS", "box_AP", "train minis' and torchvision's FCOS alike; box AP of each"),
 }
 
@@ -106,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
                                    device=args.device)
     except (ValueError, FileExistsError) as error:
         raise UserError(str(error)) from error
-    print(f"\n{title} trained by the minis Trainer on {args.root}, minis against torchvision (same start, same recipe):")
+    print(f"\n{title} trained by the minis Trainer on {args.root}, minis against torchvision "
+          "(same start, same recipe):")
     print(format_table(rows, RCNN_TRAINING_COLUMNS))
     gap = abs(rows[0][metric] - rows[1][metric])
     label = metric.replace("_AP", " AP")
