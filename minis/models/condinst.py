@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minis.models import register
+from minis.models.config import config_from_kwargs
 from minis.models.fcos import SHAPES_RECIPE as FCOS_SHAPES_RECIPE
 from minis.models.fcos import (FCOS, FCOSConfig, HeadOutputs, Locations, build_fcos_backbone,
                                first_object_index, make_locations)
@@ -299,8 +300,6 @@ SHAPES_RECIPE: dict = FCOS_SHAPES_RECIPE
 def condinst(num_classes: int, backbone: str = "resnet50", pretrained_backbone: bool = False,
              fpn_channels: int = 256, trainable_layers: int | None = None, **config) -> CondInst:
     """CondInst on FCOS with a ResNet-FPN (P3-P7); ``config`` overrides :class:`CondInstConfig` fields."""
-    settings, unknown = CondInstConfig.from_kwargs(config)
-    if unknown:
-        raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; settings are the fields of CondInstConfig")
+    settings = config_from_kwargs(CondInstConfig, config, "CondInst")
     return CondInst(build_fcos_backbone(backbone, pretrained_backbone, fpn_channels, trainable_layers), num_classes,
                     settings)

@@ -36,7 +36,7 @@ never carry label 0.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
@@ -45,6 +45,7 @@ from torch import nn
 from torchvision.ops import batched_nms  # compiled; minis.ops.batched_nms is the same (tests/test_ops.py)
 
 from minis.models import register
+from minis.models.config import config_from_kwargs
 from minis.models.rcnn import SHAPES_RECIPE as RCNN_SHAPES_RECIPE
 from minis.nn.detection import DetectionTransform, ImageBatch, training_targets
 from minis.nn.fpn import BackboneFPN, backbone_fpn
@@ -80,13 +81,6 @@ class FCOSConfig:
     nms_thresh: float = 0.6
     detections_per_img: int = 100
     topk_candidates: int = 1000  # per level, before NMS
-
-    @classmethod
-    def from_kwargs(cls, kwargs: dict) -> tuple["FCOSConfig", dict]:
-        """Split builder keyword arguments into a config and the rest."""
-        names = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in kwargs.items() if k in names})
-        return config, {k: v for k, v in kwargs.items() if k not in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,9 +418,7 @@ def build_fcos_backbone(backbone: str, pretrained_backbone: bool, fpn_channels: 
 def fcos(num_classes: int, backbone: str = "resnet50", pretrained_backbone: bool = False, fpn_channels: int = 256,
          trainable_layers: int | None = None, **config) -> FCOS:
     """FCOS with a ResNet-FPN (P3-P7); ``config`` overrides :class:`FCOSConfig` fields."""
-    settings, unknown = FCOSConfig.from_kwargs(config)
-    if unknown:
-        raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; settings are the fields of FCOSConfig")
+    settings = config_from_kwargs(FCOSConfig, config, "FCOS")
     return FCOS(build_fcos_backbone(backbone, pretrained_backbone, fpn_channels, trainable_layers), num_classes,
                 settings)
 

@@ -28,7 +28,7 @@ training losses, given the same random state. The FPN and image plumbing live in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
@@ -40,6 +40,7 @@ from torch import nn
 from torchvision.ops import batched_nms, roi_align
 
 from minis.models import register
+from minis.models.config import config_from_kwargs
 from minis.nn.detection import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, DetectionTransform, ImageBatch,
                                 match_boxes, sample_balanced, training_targets)
 from minis.nn.fpn import BackboneFPN, backbone_fpn
@@ -667,9 +668,7 @@ SHAPES_RECIPE: dict = {"epochs": 6, "batch_size": 8, "lr": 0.003, "optimizer": "
 
 def _build(model_class, num_classes: int, backbone: str, pretrained_backbone: bool, fpn_channels: int,
            trainable_layers: int | None, **kwargs) -> FasterRCNN:
-    config, unknown = RCNNConfig.from_kwargs(kwargs)
-    if unknown:
-        raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; settings are the fields of RCNNConfig")
+    config = config_from_kwargs(RCNNConfig, kwargs, model_class.__name__)
     body = backbone_fpn(backbone, fpn_channels, pretrained=pretrained_backbone, trainable_layers=trainable_layers)
     return model_class(body, num_classes, config)
 
