@@ -87,3 +87,28 @@ def test_every_semantic_model_runs_the_shared_forward(name: str) -> None:
     losses = model(images, targets)
     assert logits.shape == (2, 4, 45, 38)
     torch.testing.assert_close(losses["loss_ce"], torch.nn.functional.cross_entropy(logits, targets, ignore_index=255))
+
+
+@pytest.mark.parametrize("name,model,config", [
+    ("faster_rcnn", "FasterRCNN", "RCNNConfig"), ("ms_rcnn", "MaskScoringRCNN", "RCNNConfig"),
+    ("fcos", "FCOS", "FCOSConfig"), ("condinst", "CondInst", "CondInstConfig")])
+def test_unknown_detector_settings_are_refused_by_name(name: str, model: str, config: str) -> None:
+    with pytest.raises(TypeError, match=rf"^{model}: unknown argument\(s\) bogus, min_sise; "
+                                        rf"settings are the fields of {config}$"):
+        minis.models.build(name, num_classes=3, backbone="small", min_sise=128, bogus=1)
+
+
+def test_config_from_kwargs_sets_the_given_fields_only() -> None:
+    from dataclasses import dataclass
+
+    from minis.models.config import config_from_kwargs
+
+    @dataclass
+    class Settings:
+        size: int = 1
+        names: tuple = ("a",)
+
+    assert config_from_kwargs(Settings, {"size": 3}, "toy") == Settings(size=3, names=("a",))
+    assert config_from_kwargs(Settings, {}, "toy") == Settings()
+    with pytest.raises(TypeError, match="toy: unknown argument"):
+        config_from_kwargs(Settings, {"sizes": 3}, "toy")
