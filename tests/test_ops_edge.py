@@ -131,6 +131,13 @@ def test_box_functions_on_batches_and_empty_sets() -> None:
             assert_same(getattr(ops, name)(a, b), getattr(tv_ops, name)(a, b))
 
 
+def test_box_functions_on_a_single_1d_box() -> None:
+    box, boxes = float_boxes(1, 11)[0], float_boxes(6, 12)
+    assert_same(ops.box_area(box), tv_ops.box_area(box))
+    for name in BOX_PAIR_FUNCTIONS:
+        assert_same(getattr(ops, name)(box, boxes), getattr(tv_ops, name)(box, boxes))  # [1, 6]
+
+
 def test_box_functions_on_non_contiguous_boxes() -> None:
     storage = float_boxes(30, 9).repeat(1, 2)  # [30, 8]: every other column is a box
     boxes = storage[:, ::2]
@@ -223,6 +230,19 @@ def test_nms_on_non_contiguous_and_degenerate_boxes() -> None:
     for threshold in (0.0, 0.5):
         assert torch.equal(ops.nms(degenerate, ties, threshold), tv_ops.nms(degenerate, ties, threshold))
     assert ops.nms(degenerate[:1], ties[:1], 0.5).tolist() == [0]  # a single box
+
+
+def test_nms_with_nan_and_infinite_scores_and_boxes_equals_torchvision() -> None:
+    boxes, scores = float_boxes(50, 24), torch.rand(50, generator=torch.Generator().manual_seed(25))
+    odd_scores, odd_boxes = scores.clone(), boxes.clone()
+    odd_scores[[3, 10, 20]] = torch.tensor([math.nan, math.inf, -math.inf])
+    odd_boxes[4, 2], odd_boxes[7], odd_boxes[9, :2] = math.nan, math.nan, -math.inf
+    idxs = torch.randint(-3, 3, (50,), generator=torch.Generator().manual_seed(26))  # negative groups too
+    for b, sc in ((boxes, odd_scores), (odd_boxes, scores), (odd_boxes, odd_scores)):
+        assert torch.equal(ops.nms(b, sc, 0.5), tv_ops.nms(b, sc, 0.5))
+    assert torch.equal(ops.batched_nms(boxes, scores, idxs, 0.5), tv_ops.batched_nms(boxes, scores, idxs, 0.5))
+    float_idxs = idxs.float() / 2  # any type of group id
+    assert torch.equal(ops.batched_nms(boxes, scores, float_idxs, 0.5), tv_ops.batched_nms(boxes, scores, float_idxs, 0.5))
 
 
 BAD_NMS_INPUTS = {
@@ -369,6 +389,70 @@ def test_roi_pool_in_float64_and_on_non_contiguous_inputs_equals_torchvision() -
                  (features.to(memory_format=torch.channels_last), rois.t().contiguous().t()),
                  (feature_map(batch=3, width=40)[..., ::2], rois)):
         assert_same(ops.roi_pool(f, r, (4, 3), 0.5), tv_ops.roi_pool(f, r, (4, 3), 0.5))
+
+
+@pytest.mark.parametrize("name", ["roi_align", "roi_pool"])
+def test_roi_ops_reject_batch_indices_outside_the_batch(name: str) -> None:
+    # torchvision's kernels read outside the features; Python's indexing would take -1 as the last image
+    features = feature_map(batch=2)
+    for index in (-1.0, 2.0, 7.0):
+        with pytest.raises(ops.InvalidBoxesError, match=r"batch indices must be in \[0, 1\]"):
+            getattr(ops, name)(features, torch.tensor([[0.0, 1, 1, 5, 5], [index, 1, 1, 5, 5]]), 2)
+    with pytest.raises(ops.InvalidBoxesError):
+        getattr(ops, name)(features, [torch.zeros(1, 4)] * 3, 2)  # boxes for three images, two images
+    rois = torch.tensor([[0.7, 1.0, 1, 9, 9], [1.2, 2, 3, 8, 9]])  # fractional: truncated, as the kernels do
+    torch.testing.assert_close(getattr(ops, name)(features, rois, 2), getattr(tv_ops, name)(features, rois, 2))
+
+
+def test_roi_ops_with_non_finite_boxes() -> None:
+    # RoIPool's kernel casts the rounded corners to int: nan and inf become empty bins, as here.
+    # torchvision's RoIAlign crashes the process on a nan box; ours raises a clear error.
+    features = feature_map()
+    for bad in (math.nan, math.inf, -math.inf):
+        for column in (1, 3):
+            rois = torch.tensor([[0, 1.0, 1, 10, 10], [1, 3, 3, 30, 8]])
+            rois[0, column] = bad
+            assert_same(ops.roi_pool(features, rois, 3), tv_ops.roi_pool(features, rois, 3))
+            with pytest.raises(ops.InvalidBoxesError, match="finite"):
+                ops.roi_align(features, rois, 3)
+
+
+@pytest.mark.parametrize("name", ["roi_align", "roi_pool"])
+def test_roi_ops_on_degenerate_shapes_equal_torchvision(name: str) -> None:
+    rois = rois_for(2, 6, 27)
+    ours, theirs = getattr(ops, name), getattr(tv_ops, name)
+    for features, output_size in ((feature_map()[:, :0], 2),  # no channels
+                                  (feature_map(), (0, 3)),  # an empty output
+                                  (feature_map(height=1, width=1), 3),  # a single cell
+                                  (feature_map(), 1)):
+        mine, reference = ours(features, rois, output_size, 0.5), theirs(features, rois, output_size, 0.5)
+        assert mine.shape == reference.shape
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-5)
+    assert ours(feature_map()[:0], torch.zeros(0, 5), 2).shape == (0, 3, 2, 2)  # no images, no boxes
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 1, 3])
+def test_roi_align_gradients_in_float64_equal_torchvision(aligned: bool, sampling_ratio: int) -> None:
+    rois = rois_for(3, 25, 28).double()
+    grads = []
+    for roi_align in (ops.roi_align, tv_ops.roi_align):
+        features = feature_map(batch=3, channels=2).double().requires_grad_()
+        output = roi_align(features, rois, (4, 3), 0.5, sampling_ratio, aligned)
+        (output * torch.linspace(-1, 1, output.numel(), dtype=torch.float64).reshape(output.shape)).sum().backward()
+        grads.append(features.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def test_roi_pool_gradients_in_float64_equal_torchvision() -> None:
+    rois = rois_for(3, 25, 29).double()
+    grads = []
+    for roi_pool in (ops.roi_pool, tv_ops.roi_pool):
+        features = feature_map(batch=3, channels=2).double().requires_grad_()
+        output = roi_pool(features, rois, (4, 3), 0.5)
+        (output * torch.linspace(-1, 1, output.numel(), dtype=torch.float64).reshape(output.shape)).sum().backward()
+        grads.append(features.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("aligned", [False, True])

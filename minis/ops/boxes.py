@@ -64,13 +64,13 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
 def _intersection_and_union(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairwise intersection and union areas: ``[..., N, 4], [..., M, 4] -> [..., N, M]`` twice."""
     boxes1, boxes2 = _upcast_integers(boxes1), _upcast_integers(boxes2)
-    top_left = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # [..., N, M, 2]
-    bottom_right = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    top_left = torch.max(boxes1[..., None, :2], boxes2[..., None, :, :2])  # [..., N, M, 2]
+    bottom_right = torch.min(boxes1[..., None, 2:], boxes2[..., None, :, 2:])
     # float16 sides are widened after the subtraction, before the product, as torchvision does:
     # the same numbers to the last bit. Clamped: no overlap is a zero side, not a negative one.
     size = _upcast(bottom_right - top_left).clamp(min=0)
     intersection = size[..., 0] * size[..., 1]
-    union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - intersection
+    union = box_area(boxes1)[..., None] + box_area(boxes2)[..., None, :] - intersection
     return intersection, union
 
 
@@ -94,8 +94,8 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
     boxes1, boxes2 = _upcast_integers(boxes1), _upcast_integers(boxes2)
     intersection, union = _intersection_and_union(boxes1, boxes2)
     iou = intersection / union
-    top_left = torch.min(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    bottom_right = torch.max(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    top_left = torch.min(boxes1[..., None, :2], boxes2[..., None, :, :2])
+    bottom_right = torch.max(boxes1[..., None, 2:], boxes2[..., None, :, 2:])
     size = _upcast(bottom_right - top_left).clamp(min=0)
     enclosing = size[..., 0] * size[..., 1]
     return iou - (enclosing - union) / enclosing

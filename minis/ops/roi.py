@@ -61,6 +61,17 @@ def _as_rois(boxes: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype, d
     return rois.detach().to(device=device, dtype=dtype)
 
 
+def _batch_indices(rois: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The image of each RoI, int64 ``[K]``; an index outside the batch raises :class:`InvalidBoxesError`
+    (torchvision's kernels would read outside the features, and Python's indexing counts a
+    negative one from the end)."""
+    index = rois[:, 0].long()  # a fractional index is truncated, like the kernels' cast to int
+    if len(index) and (index.min() < 0 or index.max() >= batch_size):
+        raise InvalidBoxesError(f"the boxes' batch indices must be in [0, {batch_size - 1}] for {batch_size} images, "
+                                f"got {int(index.min())}..{int(index.max())}")
+    return index
+
+
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -158,13 +169,15 @@ def roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor],
     output_size = _pair(output_size)
     # float16/bfloat16 features: positions and weights in float32; the weighted sums promote to it
     rois = _as_rois(boxes, _float_compute_dtype(input.dtype), input.device)
-    if len(rois) == 0:
-        return input.new_zeros(0, input.shape[1], *output_size)
+    batch_index = _batch_indices(rois, len(input))
+    if not torch.isfinite(rois).all():  # torchvision's kernel crashes on these
+        raise InvalidBoxesError("roi_align needs finite boxes; these hold nan or inf (a diverged box regression?)")
+    if len(rois) == 0 or 0 in output_size:
+        return input.new_zeros(len(rois), input.shape[1], *output_size)
     grid = _sampling_grid(rois, output_size, spatial_scale, sampling_ratio, aligned)
     # every box of a chunk is sampled on the chunk's largest grid: bound the memory by that
     samples_per_box = output_size[0] * output_size[1] * max(int(grid[:, 4].max()), 1) * max(int(grid[:, 5].max()), 1)
-    chunk = max(1, _CHUNK_ELEMENTS // (input.shape[1] * samples_per_box))
-    batch_index = rois[:, 0].long()
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, input.shape[1] * samples_per_box))
     pooled = torch.cat([_roi_align_chunk(input, index, part, output_size)
                         for index, part in zip(batch_index.split(chunk), grid.split(chunk))])
     return pooled.to(input.dtype)
@@ -185,9 +198,10 @@ def roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], 
     pooled_h, pooled_w = _pair(output_size)
     compute_dtype = _float_compute_dtype(input.dtype)
     rois = _as_rois(boxes, compute_dtype, input.device)
+    batch_index = _batch_indices(rois, len(input))
     _, channels, height, width = input.shape
-    if len(rois) == 0:
-        return input.new_zeros(0, channels, pooled_h, pooled_w)
+    if len(rois) == 0 or 0 in (pooled_h, pooled_w):
+        return input.new_zeros(len(rois), channels, pooled_h, pooled_w)
     # C's round(): halves away from zero (torch.round would round them to even)
     scaled = rois[:, 1:] * spatial_scale
     start_x, start_y, end_x, end_y = (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)).long().unbind(1)
@@ -224,9 +238,9 @@ def roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], 
 
     outputs = []
     per_box = channels * pooled_w * height * width  # the column-masked maps, the largest intermediate
-    chunk = max(1, _CHUNK_ELEMENTS // per_box)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, per_box))
     for part in torch.arange(len(rois), device=input.device).split(chunk):
-        maps = features[rois[part, 0].long()]  # [k, C, H, W]
+        maps = features[batch_index[part]]  # [k, C, H, W]
         # max over columns of each column bin, then over rows of each row bin
         masked = maps[:, :, None, :, :].masked_fill(~in_col[part][:, None, :, None, :], -math.inf)  # [k,C,w,H,W]
         by_column = maximum(masked)  # [k, C, w, H]
