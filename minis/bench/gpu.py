@@ -31,7 +31,6 @@ run it on the CPU, without mixed precision (``--device cpu``, the default withou
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import statistics
 from typing import Any, Callable, Sequence
@@ -103,8 +102,7 @@ def small_settings(name: str, image_size: int) -> dict[str, Any]:
     import minis.models
     from minis.bench.semantic import SEMANTIC_MODELS
 
-    model_file = importlib.import_module(minis.models._REGISTRY[name].__module__)
-    settings = dict(getattr(model_file, "SHAPES_SETTINGS", dict(SEMANTIC_MODELS).get(name, {})))
+    settings = minis.models.shapes_settings(name) or dict(dict(SEMANTIC_MODELS).get(name, {}))
     if "min_size" in settings:  # a detector: no resizing of the batch
         settings.update(min_size=image_size, max_size=2 * image_size)
     return settings
