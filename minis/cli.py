@@ -178,8 +178,12 @@ def _train_config(args: argparse.Namespace):
         "channels_last": args.channels_last,
         "clip_grad_norm": args.clip_grad,
         "eval_every": args.eval_every,
+        "progress": not args.no_progress,
+        "find_unused_parameters": args.find_unused_parameters,
     }
-    for name in ("lr", "optimizer", "schedule", "warmup_iters", "weight_decay"):
+    # options not given keep TrainConfig's defaults (every field of TrainConfig has its option)
+    for name in ("lr", "optimizer", "momentum", "weight_decay", "schedule", "warmup_iters", "warmup_factor",
+                 "poly_power", "milestones", "gamma", "eval_batch_size", "log_every"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     try:
@@ -247,12 +251,9 @@ def _draw_prediction(model, image, output, class_names, score_threshold: float):
     figure, ax = plt.subplots(figsize=(5, 5))
     if model.task == "semantic":
         viz.draw_semantic(image, output.argmax(0), class_names, ax=ax)
-    else:
-        keep = output["scores"] >= score_threshold
-        viz.draw_instances(
-            image, output["boxes"][keep], output["masks"][keep], output["labels"][keep], output["scores"][keep],
-            class_names, ax=ax, score_threshold=score_threshold,
-        )
+    else:  # masks: RLEs for segmenting models; none for box-only ones (Faster R-CNN, FCOS)
+        viz.draw_instances(image, output["boxes"], output.get("masks"), output["labels"], output["scores"],
+                           class_names, ax=ax, score_threshold=score_threshold)
     return figure
 
 
@@ -275,7 +276,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     for path in args.images:
         image = pil_to_image_tensor(read_rgb_image(path)).as_subclass(torch.Tensor)
-        output = predict(model, image, device=device)
+        # masks as RLEs: 100 float masks of a 12-megapixel photo would take 4.8 GB
+        output = predict(model, image, device=device, rle=True)
         figure = _draw_prediction(model, image, output, class_names, args.score_threshold)
         saved = viz.save_figure(figure, out_dir / f"{Path(path).stem}.png")
         plt.close(figure)
@@ -327,8 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.add_argument("--lr", type=float)
     train.add_argument("--optimizer", choices=["sgd", "adamw"])
+    train.add_argument("--momentum", type=float, help="SGD's momentum (default 0.9)")
     train.add_argument("--schedule", choices=["poly", "cosine", "step", "constant"])
+    train.add_argument("--milestones", type=int, nargs="+", metavar="EPOCH",
+                       help="--schedule step: epochs at which the lr is multiplied by --gamma, e.g. 16 22")
+    train.add_argument("--gamma", type=float, help="--schedule step: the factor at each milestone (default 0.1)")
+    train.add_argument("--poly-power", type=float, help="--schedule poly: the exponent (default 0.9)")
     train.add_argument("--warmup-iters", type=int)
+    train.add_argument("--warmup-factor", type=float, help="the warmup starts at this fraction of the lr (default 0.001)")
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
     train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -336,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     train.add_argument("--channels-last", action="store_true", help="NHWC weights and activations (faster CNNs)")
     train.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (0: never)")
+    train.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
+    train.add_argument("--log-every", type=int, help="iterations between two records of metrics.jsonl (default 10)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--find-unused-parameters", action="store_true",
+                       help="DistributedDataParallel: for models whose loss skips some parameters")
     train.add_argument("--crop-size", type=int, help="semantic training crop (default: per dataset)")
     train.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="extra keyword for the model builder, e.g. width=16 (repeatable)")

@@ -4,6 +4,9 @@ train, eval, predict and the resumed train run ``python -m minis`` in a subproce
 would. Data generation and the mistakes (unknown model, missing data, missing checkpoint) go
 through ``minis.cli.main`` in-process, which is the same code without the start-up time:
 ``main`` *returning* 2 (rather than raising) is what keeps tracebacks away from the user.
+
+Also in-process: ``predict`` on a checkpoint of every registered model, and every TrainConfig
+field said on the command line.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from minis import models as registry  # `minis` below is the subprocess helper
 from minis.cli import main
 
 TRAIN = ["train", "baseline_fcn", "--data", "shapes", "--batch-size", "8", "--lr", "0.05", "--model-arg", "width=8"]
@@ -120,3 +124,114 @@ def test_predict_names_a_missing_image(trained, monkeypatch, capsys):
     monkeypatch.chdir(tmp)
     assert main(["predict", "runs/one/last.pt", "nope.png", "--out", "p"]) == 2
     assert "no image file nope.png" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# predict on every registered model
+# --------------------------------------------------------------------------------------------
+
+
+def _trainer_checkpoint(model, path: Path, class_names: list[str]) -> None:
+    """Write ``model`` to ``path`` as the Trainer writes ``last.pt`` (its own checkpoint state)."""
+    from minis.engine import TrainConfig, Trainer, save_checkpoint
+    from minis.engine.checkpoint import capture_rng_state
+
+    trainer = Trainer(model, None, None, TrainConfig(device="cpu", progress=False), class_names=class_names)
+    save_checkpoint(trainer._checkpoint_state([capture_rng_state()]), path)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", registry.list_models())
+def test_predict_draws_every_registered_model(name, tmp_path, monkeypatch, capsys):
+    """Untrained, with its small settings: box-only detectors, segmenting ones and semantic models all draw."""
+    torch.manual_seed(0)
+    model = registry.build(name, num_classes=4, **registry.shapes_settings(name))
+    _trainer_checkpoint(model, tmp_path / "last.pt", ["background", "circle", "square", "triangle"])
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(72, 96, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    # threshold 0: an untrained detector's low scores are drawn too, masks included
+    assert main(["predict", "last.pt", "photo.png", "--out", "drawn", "--device", "cpu", "--score-threshold", "0"]) == 0
+    assert str(Path("drawn") / "photo.png") in capsys.readouterr().out
+    with Image.open(tmp_path / "drawn" / "photo.png") as drawing:
+        assert drawing.format == "PNG" and min(drawing.size) > 50
+
+
+# --------------------------------------------------------------------------------------------
+# Every TrainConfig field can be said on the command line
+# --------------------------------------------------------------------------------------------
+
+# field -> (options, the value they give), each value other than TrainConfig's default
+TRAIN_OPTIONS = {
+    "epochs": (["--epochs", "3"], 3),
+    "batch_size": (["--batch-size", "5"], 5),
+    "lr": (["--lr", "0.02"], 0.02),
+    "optimizer": (["--optimizer", "adamw"], "adamw"),
+    "momentum": (["--momentum", "0.8"], 0.8),
+    "weight_decay": (["--weight-decay", "0.001"], 0.001),
+    "schedule": (["--schedule", "step"], "step"),
+    "warmup_iters": (["--warmup-iters", "7"], 7),
+    "warmup_factor": (["--warmup-factor", "0.2"], 0.2),
+    "poly_power": (["--poly-power", "2.0"], 2.0),
+    "milestones": (["--milestones", "16", "22"], (16, 22)),
+    "gamma": (["--gamma", "0.5"], 0.5),
+    "clip_grad_norm": (["--clip-grad", "5"], 5.0),
+    "amp": (["--no-amp"], False),
+    "channels_last": (["--channels-last"], True),
+    "device": (["--device", "cpu"], "cpu"),
+    "num_workers": (["--workers", "2"], 2),
+    "seed": (["--seed", "4"], 4),
+    "eval_every": (["--eval-every", "2"], 2),
+    "eval_batch_size": (["--eval-batch-size", "3"], 3),
+    "log_every": (["--log-every", "5"], 5),
+    "progress": (["--no-progress"], False),
+    "find_unused_parameters": (["--find-unused-parameters"], True),
+}
+
+
+def test_every_train_config_field_has_an_option():
+    """A recipe written as a TrainConfig can be typed as a command; a new field fails here until it has one."""
+    import dataclasses
+
+    from minis.cli import _train_config, build_parser
+    from minis.engine import TrainConfig
+
+    assert set(TRAIN_OPTIONS) == {field.name for field in dataclasses.fields(TrainConfig)}
+    defaults = dataclasses.asdict(TrainConfig())
+    assert all(value != defaults[name] for name, (_, value) in TRAIN_OPTIONS.items())
+    argv = ["train", "mask_rcnn", "--out", "r"] + [token for options, _ in TRAIN_OPTIONS.values() for token in options]
+    config = _train_config(build_parser().parse_args(argv))
+    assert dataclasses.asdict(config) == {name: value for name, (_, value) in TRAIN_OPTIONS.items()}
+    # options left out keep TrainConfig's defaults
+    assert dataclasses.asdict(_train_config(build_parser().parse_args(["train", "mask_rcnn", "--out", "r"]))) == {
+        **defaults, "epochs": 10, "batch_size": 8}  # the command line's own defaults
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--schedule", "step"], "schedule='step' needs milestones"),
+        (["--milestones", "8", "11"], "only apply to schedule='step'"),
+        (["--schedule", "step", "--milestones", "11", "8"], "milestones must be increasing"),
+    ],
+)
+def test_train_refuses_a_schedule_it_would_not_follow(workspace, monkeypatch, capsys, options, message):
+    monkeypatch.chdir(workspace)
+    assert main([*TRAIN, "--data-root", "shapes", "--out", "refused", *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (workspace / "refused").exists()  # refused before anything was built or written
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_step_schedule_from_the_command_line_multiplies_the_rate_at_each_milestone(workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+    argv = [*TRAIN, "--data-root", "shapes", "--epochs", "3", "--out", "runs/step", "--eval-every", "0",
+            "--no-progress", "--log-every", "1", "--schedule", "step", "--milestones", "1", "2", "--gamma", "0.5",
+            "--momentum", "0.5"]
+    assert main(argv) == 0
+    checkpoint = torch.load(workspace / "runs" / "step" / "last.pt", weights_only=True)
+    assert checkpoint["config"]["milestones"] == (1, 2) and checkpoint["config"]["momentum"] == 0.5
+    assert checkpoint["optimizer"]["param_groups"][0]["momentum"] == 0.5
+    # the rate each epoch's last step used: 0.05, then halved at epoch 1 and again at epoch 2
+    assert [record["lr"] for record in checkpoint["history"]] == pytest.approx([0.05, 0.025, 0.0125])

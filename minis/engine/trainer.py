@@ -99,6 +99,15 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
         self.milestones = tuple(self.milestones)
+        # a step schedule without milestones, or milestones under another schedule, would train at
+        # a rate other than the one asked for, silently
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("schedule='step' needs milestones, the epochs at which the lr is multiplied by gamma, "
+                             "e.g. milestones=(16, 22) (--milestones 16 22); without them the lr would stay constant")
+        if self.milestones and self.schedule != "step":
+            raise ValueError(f"milestones={self.milestones} only apply to schedule='step', not {self.schedule!r}")
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])) or min(self.milestones, default=1) < 1:
+            raise ValueError(f"milestones must be increasing epochs >= 1, got {self.milestones}")
 
 
 def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
