@@ -180,6 +180,19 @@ def test_config_rejects_unknown_choices():
         TrainConfig(epochs=0)
 
 
+def test_config_refuses_a_step_schedule_it_would_not_follow():
+    """Without milestones a step schedule would train at a constant rate, silently."""
+    with pytest.raises(ValueError, match="schedule='step' needs milestones"):
+        TrainConfig(schedule="step")
+    with pytest.raises(ValueError, match="only apply to schedule='step'"):
+        TrainConfig(schedule="cosine", milestones=(8, 11))
+    with pytest.raises(ValueError, match="increasing"):
+        TrainConfig(schedule="step", milestones=(11, 8))
+    with pytest.raises(ValueError, match="increasing"):
+        TrainConfig(schedule="step", milestones=(0, 8))
+    assert TrainConfig(schedule="step", milestones=[8, 11]).milestones == (8, 11)
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling and sharding
 # --------------------------------------------------------------------------------------------
@@ -547,3 +560,104 @@ def test_catalog_reads_real_coco_validation(tmp_path):
     images, targets = collate_instances([val_set[0], val_set[1]])  # COCO images differ in size
     assert len(images) == 2 and targets[0]["masks"].shape[-2:] == images[0].shape[-2:]
     assert semantic[0][1]["semantic"].shape == images[0].shape[-2:]
+
+
+# --------------------------------------------------------------------------------------------
+# Compact masks: the engine asks instance models for RLEs (large photos fit in memory)
+# --------------------------------------------------------------------------------------------
+
+
+class PastingOracle(nn.Module):
+    """Detections made from each validation image's ground truth, finished by the shared postprocess.
+
+    Each object becomes a detection whose box is shifted by a pixel and whose mask is the object
+    inside that box shrunk to 28x28, as a Mask R-CNN head predicts it; ``DetectionTransform.postprocess``
+    pastes it back, so the model honours ``rle_masks`` as every instance model does. Pasted 28x28
+    masks are not the objects' exact shapes, and a shifted copy of each object scores lower: AP
+    lands strictly between 0 and 1, where a difference between the two mask formats would show.
+    """
+
+    task = "instance"
+
+    def __init__(self, val_set) -> None:
+        from minis.models.rcnn import project_masks_on_boxes
+        from minis.nn.detection import DetectionTransform
+
+        super().__init__()
+        self.transform = DetectionTransform()
+        self.answers = {}
+        for index in range(len(val_set)):
+            image, target = val_set[index]
+            keep = target["iscrowd"] == 0
+            boxes = target["boxes"][keep].as_subclass(torch.Tensor) + 1.0
+            masks = target["masks"][keep].as_subclass(torch.Tensor)
+            shifted = boxes + torch.tensor([4.0, 3.0, 4.0, 3.0])  # a worse duplicate of each object
+            all_boxes = torch.cat([boxes, shifted])
+            objects = torch.arange(len(boxes)).repeat(2)
+            self.answers[Oracle._key(image)] = {
+                "boxes": all_boxes,
+                "labels": target["labels"][keep].repeat(2),
+                "scores": torch.cat([torch.linspace(0.9, 0.6, len(boxes)), torch.linspace(0.7, 0.5, len(boxes))]),
+                "masks": project_masks_on_boxes(masks, all_boxes, objects, 28)[:, None],  # [2N,1,28,28]
+            }
+
+    def forward(self, images, targets=None):
+        detections = [{key: value.clone() for key, value in self.answers[Oracle._key(image.cpu())].items()}
+                      for image in images]
+        sizes = [tuple(image.shape[-2:]) for image in images]
+        return self.transform.postprocess(detections, sizes, sizes)
+
+
+def test_evaluation_with_rle_masks_gives_the_metrics_of_probability_masks(shapes_root, monkeypatch):
+    from minis.data.catalog import build_datasets
+    from minis.eval.coco import coco_evaluate, predictions_to_coco_results
+    from minis.ops import masks as mask_ops
+
+    monkeypatch.setattr(mask_ops, "CHUNK_BYTES", 48 * 48 * 4 * 2)  # two detections per chunk: several chunks
+    _, val_set = build_datasets("shapes", shapes_root, "instance", progress=False)
+    model = PastingOracle(val_set)
+    metrics = evaluate(model, val_set, batch_size=2, progress=False)  # asks for RLE masks
+    floats, rles = {}, {}
+    for index in range(len(val_set)):
+        image, target = val_set[index]
+        floats[target["image_id"]] = predict(model, image)
+        rles[target["image_id"]] = predict(model, image, rle=True)
+    assert sum(len(output["masks"]) for output in rles.values()) > 4
+    for float_output, rle_output in zip(floats.values(), rles.values()):
+        assert float_output["masks"].dtype == torch.float32 and float_output["masks"].shape[1] == 1
+        assert isinstance(rle_output["masks"], list)
+    # the same COCO results, RLE strings included, and the same metrics as probabilities thresholded at 0.5
+    assert predictions_to_coco_results(val_set, rles) == predictions_to_coco_results(val_set, floats)
+    reference = coco_evaluate(val_set, floats)
+    for iou_type in ("bbox", "segm"):
+        np.testing.assert_equal(metrics[iou_type], reference[iou_type])
+        assert 0.2 < metrics[iou_type]["AP"] < 1
+
+
+INSTANCE_MODELS = [name for name in minis.models.list_models()
+                   if minis.models.build(name, num_classes=3, **minis.models.shapes_settings(name)).task == "instance"]
+
+
+@pytest.mark.parametrize("name", INSTANCE_MODELS)
+def test_every_instance_model_gives_the_same_masks_as_rles(name, monkeypatch):
+    """``predict(rle=True)`` encodes, chunk by chunk, exactly the probabilities > 0.5 of the ordinary output."""
+    from pycocotools import mask as mask_utils
+
+    from minis.ops import masks as mask_ops
+
+    torch.manual_seed(0)
+    model = minis.models.build(name, num_classes=3, **minis.models.shapes_settings(name))
+    image = torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(1))
+    plain = predict(model, image)
+    monkeypatch.setattr(mask_ops, "CHUNK_BYTES", 90 * 120 * 4 * 3)  # three detections per chunk
+    compact = predict(model, image, rle=True)
+    for field in ("boxes", "labels", "scores"):
+        torch.testing.assert_close(compact[field], plain[field], rtol=0, atol=0)
+    if "masks" not in plain:  # a box-only detector
+        assert "masks" not in compact
+        return
+    assert len(plain["masks"]) > 3
+    binary = (plain["masks"][:, 0] > 0.5).numpy().astype(np.uint8)  # [N,H,W]
+    decoded = mask_utils.decode(compact["masks"])  # [H,W,N]
+    np.testing.assert_array_equal(decoded.transpose(2, 0, 1), binary)
+    assert binary.any(axis=(1, 2)).sum() > 0  # not every mask is empty

@@ -149,8 +149,9 @@ def encode_rle(binary: torch.Tensor) -> list[dict]:
 
     if len(binary) == 0:
         return []
+    binary = (binary if binary.dtype == torch.bool else binary != 0).cpu()
     # pycocotools wants a Fortran-ordered uint8 [H,W,N] array: the bytes of [N,W,H] in C order
-    columns = binary.to("cpu", torch.uint8).transpose(1, 2).contiguous().numpy()  # [N,W,H]
+    columns = binary.transpose(1, 2).contiguous().view(torch.uint8).numpy()  # [N,W,H], 0 or 1
     rles = mask_utils.encode(columns.transpose(2, 1, 0))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
