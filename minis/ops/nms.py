@@ -26,6 +26,7 @@ IoU of exactly ``float32(0.2)`` would survive where the kernel suppresses it).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,6 +48,16 @@ def _greedy_keep(overlaps: torch.Tensor) -> torch.Tensor:
         keep = new_keep
 
 
+@functools.lru_cache(maxsize=64)  # a detector asks for the same one or two thresholds every time
+def _largest_not_above(threshold: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` that is not above ``threshold`` (a float64)."""
+    exact = torch.tensor(threshold, dtype=torch.float64)
+    rounded = exact.to(dtype)  # to the nearest: possibly just above the threshold
+    if rounded.double() > exact:
+        rounded = torch.nextafter(rounded, torch.tensor(-math.inf, dtype=dtype))
+    return rounded.item()
+
+
 def _exceeds(values: torch.Tensor, threshold: float) -> torch.Tensor:
     """``values > threshold``, exactly as if both were float64 (as torchvision's kernel compares).
 
@@ -54,11 +65,8 @@ def _exceeds(values: torch.Tensor, threshold: float) -> torch.Tensor:
     by the largest number of that type not above it: a value of the type exceeds one exactly
     when it exceeds the other. A ``nan`` on either side compares false.
     """
-    exact = torch.tensor(threshold, dtype=torch.float64)
-    rounded = exact.to(values.dtype)  # to the nearest: possibly just above the threshold
-    if rounded.double() > exact:
-        rounded = torch.nextafter(rounded, torch.tensor(-math.inf, dtype=values.dtype))
-    return values > rounded.item()  # exactly representable in values.dtype: no second rounding
+    # exactly representable in values.dtype, so the comparison rounds it no further
+    return values > _largest_not_above(float(threshold), values.dtype)
 
 
 def _check_boxes_and_scores(boxes: torch.Tensor, scores: torch.Tensor) -> None:
