@@ -122,6 +122,84 @@ def test_draw_instances_rejects_inconsistent_inputs():
         viz.draw_instances(image, masks=masks[:, :32])
 
 
+def _overlapping_instances(height: int = 40, width: int = 56):
+    """Four random blobs on a random image, overlapping, with scores (one below 0.5)."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, height, width, generator=generator)
+    masks = torch.zeros(4, height, width, dtype=torch.uint8)
+    for i, (y, x) in enumerate([(2, 3), (10, 12), (14, 20), (20, 30)]):
+        masks[i, y:y + 18, x:x + 22] = (torch.rand(18, 22, generator=generator) > 0.3).to(torch.uint8)
+    return image, masks, torch.tensor([0.9, 0.8, 0.3, 0.7])
+
+
+def _shown_picture(ax) -> np.ndarray:
+    """The RGB array an Axes shows (what draw_instances composed), as uint8."""
+    return np.asarray(ax.images[0].get_array())
+
+
+def _reference_overlay(image, masks, scores, alpha):
+    """Brute force from the definition: each pixel blends the colour of the last shown instance covering it."""
+    picture = image.permute(1, 2, 0).double().numpy()
+    shown = [i for i in range(len(masks)) if scores[i] >= 0.5]
+    colours = viz.instance_colors(len(shown))
+    out = picture.copy()
+    for y in range(picture.shape[0]):
+        for x in range(picture.shape[1]):
+            covering = [k for k, i in enumerate(shown) if masks[i, y, x]]
+            if covering:
+                out[y, x] = (1 - alpha) * picture[y, x] + alpha * colours[covering[-1]]
+    return np.round(out * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("chunk_pixels", [2**26, 40 * 56])  # all masks at once; one mask per chunk
+def test_rle_binary_and_probability_masks_draw_the_same_overlay(monkeypatch, chunk_pixels):
+    from pycocotools import mask as mask_utils
+
+    monkeypatch.setattr(viz, "DRAW_CHUNK_PIXELS", chunk_pixels)
+    image, masks, scores = _overlapping_instances()
+    rles = mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0)))
+    probabilities = masks[:, None].float() * 0.4 + 0.3  # 0.7 inside, 0.3 outside
+    reference = _reference_overlay(image, masks, scores, alpha=0.6)
+    for given in (masks, masks.bool(), probabilities, rles):
+        ax = viz.draw_instances(image, masks=given, scores=scores, alpha=0.6)
+        np.testing.assert_allclose(_shown_picture(ax), reference, atol=1)  # float32 vs float64 rounding
+        plt.close(ax.figure)
+
+
+def test_draw_instances_places_rle_captions_and_checks_their_size():
+    from pycocotools import mask as mask_utils
+
+    image, masks, scores = _overlapping_instances()
+    rles = mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0)))
+    ax = viz.draw_instances(image, masks=rles, labels=torch.tensor([1, 1, 1, 1]), scores=scores,
+                            class_names=["background", "blob"])
+    corners = [text.get_position() for text in ax.texts]
+    expected = [(float(np.nonzero(m.numpy())[1].min()), float(np.nonzero(m.numpy())[0].min()))
+                for m, s in zip(masks, scores) if s >= 0.5]
+    assert corners == expected
+    with pytest.raises(ValueError, match="RLE masks must have size"):
+        viz.draw_instances(torch.zeros(3, 20, 56), masks=rles)
+    ax = viz.draw_instances(image, boxes=torch.zeros(0, 4), masks=[], scores=torch.zeros(0))  # no detection
+    assert len(ax.patches) == 0
+
+
+def test_a_photo_far_larger_than_the_figure_is_shown_subsampled():
+    """Only every k-th pixel reaches matplotlib (at least 2 per screen pixel); coordinates stay the image's."""
+    image = torch.zeros(3, 1600, 2400)
+    masks = torch.zeros(1, 1600, 2400, dtype=torch.bool)
+    masks[0, 400:1200, 600:1800] = True
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    viz.draw_instances(image, boxes=torch.tensor([[600.0, 400.0, 1800.0, 1200.0]]), masks=masks, ax=ax, alpha=1.0)
+    shown = _shown_picture(ax)
+    box = ax.get_window_extent()
+    assert shown.shape[0] < 1600 and shown.shape[0] >= 2 * box.height and shown.shape[1] >= 2 * box.width
+    assert ax.images[0].get_extent() == [0, 2400, 1600, 0]
+    np.testing.assert_allclose(_rendered_pixel(ax, 1200, 800), viz.instance_colors(1)[0], atol=0.02)
+    np.testing.assert_allclose(_rendered_pixel(ax, 300, 200), 0.0, atol=0.02)
+    small = viz.draw_instances(torch.zeros(3, 64, 64), masks=masks[:, :64, :64])
+    assert _shown_picture(small).shape == (64, 64, 3)  # a small image is shown whole
+
+
 def test_semantic_colormap_conventions_and_distinct_colours():
     table = viz.semantic_colormap(81)
     assert table.shape == (256, 3) and table.dtype == np.uint8
