@@ -382,6 +382,52 @@ def test_resized_ground_truth_still_scores_perfect_boxes(dataset):
     assert metrics["segm"]["AP50"] == pytest.approx(1.0)  # masks lose detail at half size, but overlap well
 
 
+def _pycocotools_rles(binary: torch.Tensor) -> list[dict]:
+    """``[N,H,W]`` 0/1 masks encoded by pycocotools directly, all at once, ``counts`` as str."""
+    rles = mask_utils.encode(np.asfortranarray(binary.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    return [{"size": rle["size"], "counts": rle["counts"].decode("ascii")} for rle in rles]
+
+
+def test_rle_masks_give_the_results_and_metrics_of_probability_masks(dataset):
+    """What models return inside ``rle_masks``: already binary, evaluated like the probabilities > 0.5."""
+    predictions = _noisy_predictions(dataset)
+    as_rles = {image_id: {**p, "masks": _pycocotools_rles(p["masks"][:, 0] > 0.5)}
+               for image_id, p in predictions.items()}
+    assert predictions_to_coco_results(dataset, as_rles) == predictions_to_coco_results(dataset, predictions)
+    metrics, reference = coco_evaluate(dataset, as_rles), coco_evaluate(dataset, predictions)
+    for iou_type in ("bbox", "segm"):
+        np.testing.assert_equal(metrics[iou_type], reference[iou_type])
+    assert 0.1 < metrics["segm"]["AP"] < 0.9
+    bytes_counts = {1: {**as_rles[1], "masks": [{**r, "counts": r["counts"].encode()} for r in as_rles[1]["masks"]]}}
+    assert predictions_to_coco_results(dataset, bytes_counts) == predictions_to_coco_results(dataset, {1: as_rles[1]})
+
+
+def test_masks_are_encoded_a_chunk_at_a_time_as_pycocotools_encodes_them_at_once(dataset, monkeypatch):
+    from minis.ops import masks as mask_ops
+
+    monkeypatch.setattr(mask_ops, "CHUNK_BYTES", 120 * 160 * 4 * 2)  # two masks per chunk at image 1's size
+    probabilities = torch.rand(5, 1, 120, 160, generator=torch.Generator().manual_seed(2))
+    one = {"boxes": torch.tensor([[0.0, 0, 5, 5]] * 5), "labels": torch.ones(5, dtype=torch.int64),
+           "scores": torch.ones(5)}
+    results = predictions_to_coco_results(dataset, {1: {**one, "masks": probabilities}})
+    assert [r["segmentation"] for r in results] == _pycocotools_rles(probabilities[:, 0] > 0.5)
+    # predicted at half size: each chunk resized, then thresholded
+    half = probabilities[:, :, ::2, ::2].contiguous()
+    resized = torch.nn.functional.interpolate(half, size=(120, 160), mode="bilinear", align_corners=False)
+    results = predictions_to_coco_results(dataset, {1: {**one, "masks": half}})
+    assert [r["segmentation"] for r in results] == _pycocotools_rles(resized[:, 0] > 0.5)
+
+
+def test_bad_rle_masks_raise_naming_the_image(dataset):
+    one = {"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([1]), "scores": torch.ones(1)}
+    rle = _pycocotools_rles(torch.ones(1, 100, 130))
+    with pytest.raises(ValueError, match=r"image id 1: an RLE mask of size \[100, 130\] for an image of size \[120, 160\]"):
+        predictions_to_coco_results(dataset, {1: {**one, "masks": rle}})
+    with pytest.raises(ValueError, match="image id 2: 1 boxes but 2 RLE masks"):
+        predictions_to_coco_results(dataset, {2: {**one, "masks": rle * 2}})
+    assert predictions_to_coco_results(dataset, {2: {**one, "masks": rle}})[0]["segmentation"] == rle[0]
+
+
 def test_bad_predictions_raise_naming_the_image(dataset):
     one = {"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([1]), "scores": torch.ones(1)}
     with pytest.raises(ValueError, match="image id 99"):
