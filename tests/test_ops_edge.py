@@ -124,6 +124,7 @@ def test_clip_and_remove_small_boxes_in_every_dtype(dtype: torch.dtype) -> None:
 def test_box_functions_on_batches_and_empty_sets() -> None:
     boxes1, boxes2 = float_boxes(24, 6).reshape(2, 3, 4, 4), float_boxes(10, 7).reshape(2, 1, 5, 4)
     assert_same(ops.box_area(boxes1), tv_ops.box_area(boxes1))  # [..., 4] -> [...]
+    assert_same(ops.remove_small_boxes(boxes1, 20.0), tv_ops.remove_small_boxes(boxes1, 20.0))
     for name in BOX_PAIR_FUNCTIONS:  # [..., N, 4], [..., M, 4] -> [..., N, M], leading dims broadcast
         assert_same(getattr(ops, name)(boxes1, boxes2), getattr(tv_ops, name)(boxes1, boxes2))
         for a, b in ((torch.zeros(0, 4), float_boxes(3, 8)), (float_boxes(3, 8), torch.zeros(0, 4)),
@@ -431,6 +432,25 @@ def test_roi_ops_on_degenerate_shapes_equal_torchvision(name: str) -> None:
     assert ours(feature_map()[:0], torch.zeros(0, 5), 2).shape == (0, 3, 2, 2)  # no images, no boxes
 
 
+def test_roi_ops_on_inverted_boxes_equal_torchvision() -> None:
+    # x2 < x1 or y2 < y1: with aligned=True the bins have a negative size, and a fixed sampling
+    # grid walks backwards; an adaptive grid has no samples (torchvision: 0 where both sides are
+    # inverted; where one is, its kernel fails to allocate a negative number of samples)
+    features = feature_map(batch=2)
+    corners = torch.rand(40, 4, generator=torch.Generator().manual_seed(30)) * 44 - 2
+    rois = torch.cat([(torch.arange(40) % 2)[:, None].float(), corners], dim=1)
+    assert_same(ops.roi_pool(features, rois, 3, 0.5), tv_ops.roi_pool(features, rois, 3, 0.5))
+    for aligned in (False, True):
+        for sampling_ratio in (1, 2, 3) if aligned else (-1, 2):
+            torch.testing.assert_close(ops.roi_align(features, rois, 3, 0.5, sampling_ratio, aligned),
+                                       tv_ops.roi_align(features, rois, 3, 0.5, sampling_ratio, aligned))
+    inverted = rois[(rois[:, 3] < rois[:, 1]) & (rois[:, 4] < rois[:, 2])]
+    assert_same(ops.roi_align(features, inverted, 3, 0.5, -1, True), tv_ops.roi_align(features, inverted, 3, 0.5, -1, True))
+    one_side = rois[(rois[:, 3] < rois[:, 1]) & (rois[:, 4] > rois[:, 2])]
+    assert len(inverted) and len(one_side)
+    assert ops.roi_align(features, one_side, 3, 0.5, -1, True).abs().max() == 0
+
+
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 1, 3])
 def test_roi_align_gradients_in_float64_equal_torchvision(aligned: bool, sampling_ratio: int) -> None:
@@ -580,6 +600,22 @@ def test_paste_masks_in_image_under_autocast_equals_torchvision() -> None:
         ours = ops.paste_masks_in_image(masks, boxes, (48, 64))
         torch.testing.assert_close(ours, paste_masks_in_image(masks, boxes, (48, 64)), rtol=0, atol=1e-6)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_dtype,box_dtype", [(torch.float64, torch.float64), (torch.float32, torch.int64),
+                                                  (torch.float32, torch.float16), (torch.float16, torch.float32),
+                                                  (torch.bfloat16, torch.float32)])
+def test_paste_masks_in_image_in_other_dtypes_equals_torchvision(mask_dtype: torch.dtype, box_dtype: torch.dtype) -> None:
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    masks = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(31)).to(mask_dtype)
+    boxes = torch.tensor([[3.0, 4, 40, 50], [10, 10, 60, 30], [0, 0, 63, 47], [5.5, 6.2, 20.1, 33.3],
+                          [30, 2, 50, 40], [20, 20, 20, 20]]).to(box_dtype)
+    ours, theirs = ops.paste_masks_in_image(masks, boxes, (48, 64)), paste_masks_in_image(masks, boxes, (48, 64))
+    assert ours.dtype == theirs.dtype == mask_dtype
+    # float16/bfloat16 masks are blended in float32 here, in their own type there: a unit apart
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[mask_dtype]
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

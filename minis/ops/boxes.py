@@ -112,7 +112,7 @@ def clip_boxes_to_image(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Ten
 def remove_small_boxes(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
     """Indices (int64 ``[K]``) of the boxes whose width and height are both at least ``min_size``."""
     boxes = _upcast_integers(boxes)  # a uint8 box with x2 < x1 must not wrap around to a wide one
-    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
     return torch.where((widths >= min_size) & (heights >= min_size))[0]
 
 
