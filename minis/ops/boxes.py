@@ -7,7 +7,9 @@ tests check them against torchvision on random and degenerate boxes, in every dt
 Areas are products, and products outgrow small types: a 100 x 100 box has an area of 10,000,
 beyond int8 (127), and a 300 x 300 one beyond float16 (65,504), where an IoU of ``inf / inf``
 becomes ``nan``. So, like torchvision, areas and IoUs are computed in a wider type: int8, uint8
-and int16 in int32, float16 and bfloat16 in float32 (:func:`_upcast`).
+and int16 in int32, float16 and bfloat16 in float32 (:func:`_upcast`). Integer boxes are widened
+before anything is subtracted: torchvision subtracts first, so in uint8 the overlap of two boxes
+that do not meet wraps around to about 250 pixels, and in int8 corners 200 apart overflow.
 """
 
 from __future__ import annotations
