@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -183,3 +186,63 @@ def test_counts_on_the_gpu_match_the_cpu():
     # Doubling every count leaves every ratio unchanged.
     assert gpu.compute()["per_class_iou"] == pytest.approx(cpu.compute()["per_class_iou"])
     assert gpu.compute()["mIoU"] == pytest.approx(cpu.compute()["mIoU"])
+
+
+# --------------------------------------------------------------------------- memory on large photos
+
+_UPDATE_PEAK_SCRIPT = """
+import torch
+from minis.eval import ConfusionMatrix
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+pred = torch.randint(0, 6, (2000, 2500))
+target = torch.randint(0, 6, (2000, 2500))
+target[:100] = 255
+confusion = ConfusionMatrix(6)
+confusion.update(pred[:2], target[:2])  # warm up: lazy initialisation is not the update's memory
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # restart the high-water mark from here
+confusion.update(pred, target)
+print((status("VmHWM") - before) / pred.numel())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc to read peak memory")
+def test_update_makes_no_full_size_copies_of_its_inputs():
+    """Counting a 5-megapixel int64 pair allocates one int64 array of bins and a few boolean masks:
+    about 13 bytes per pixel. Masked copies of both maps and their products (the obvious way, and
+    this function before) cost about 34; a float or one-hot [C,H,W] intermediate would cost 24 or more."""
+    result = subprocess.run([sys.executable, "-c", _UPDATE_PEAK_SCRIPT], capture_output=True, text=True, check=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    bytes_per_pixel = float(result.stdout.split()[-1])
+    assert bytes_per_pixel < 16, bytes_per_pixel
+
+
+def test_evaluator_feeds_one_image_to_the_model_without_copying_it():
+    """A single image (a large photo) reaches the model as a view of the dataset's tensor."""
+    from minis.engine.evaluation import evaluate
+
+    image = torch.rand(3, 20, 30)
+    target = torch.randint(0, 3, (20, 30))
+
+    class Recorder(torch.nn.Module):
+        task = "semantic"
+        build_args = {"num_classes": 3}
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(3))
+            self.seen = []
+
+        def forward(self, images):
+            self.seen.append(images.data_ptr())
+            return torch.zeros(images.shape[0], 3, *images.shape[-2:])  # predicts class 0 everywhere
+
+    model = Recorder()
+    metrics = evaluate(model, [(image, {"semantic": target, "image_id": 0})], progress=False)
+    assert model.seen == [image.data_ptr()]
+    assert metrics["confusion_matrix"][0] == [int((target == 0).sum()), 0, 0]

@@ -52,9 +52,10 @@ def _semantic_label_maps(model: nn.Module, images: list[torch.Tensor], device: t
     """Predicted label maps ``[H,W]`` for a list of images ``[3,H,W]``.
 
     Images of one size go through the model as one batch; images of different sizes (COCO
-    validation images are not cropped) go one at a time.
+    validation images are not cropped) go one at a time, as views of themselves (a 12-megapixel
+    photo is not copied). Only the ``[H,W]`` label maps outlive the call, not the logits.
     """
-    if len({tuple(image.shape) for image in images}) == 1:
+    if len(images) > 1 and len({tuple(image.shape) for image in images}) == 1:
         logits = model(torch.stack(images).to(device))  # [B, C, H, W]
         return list(logits.argmax(dim=1))
     return [model(image[None].to(device))[0].argmax(dim=0) for image in images]

@@ -41,9 +41,11 @@ def _as_label_map(value: Any, what: str) -> torch.Tensor:
     return tensor
 
 
-def _check_range(labels: torch.Tensor, num_classes: int, message: str) -> None:
-    """Raise ValueError(message.format(bad value, C - 1)) unless every label is in 0..C-1."""
+def _check_range(labels: torch.Tensor, num_classes: int, message: str, where: torch.Tensor | None = None) -> None:
+    """Raise ValueError(message.format(bad value, C - 1)) unless every label (where ``where``) is in 0..C-1."""
     outside = (labels < 0) | (labels >= num_classes)
+    if where is not None:
+        outside &= where
     if bool(outside.any()):
         raise ValueError(message.format(int(labels[outside][0]), num_classes - 1))
 
@@ -96,20 +98,25 @@ class ConfusionMatrix:
             ValueError: shapes differ or a value is out of range (the message says which).
             TypeError: a float/bool input, e.g. logits passed instead of ``argmax``.
         """
-        pred = _as_label_map(pred, "pred").to(self.matrix.device, torch.int64)
-        target = _as_label_map(target, "target").to(self.matrix.device, torch.int64)
+        pred = _as_label_map(pred, "pred").to(self.matrix.device)
+        target = _as_label_map(target, "target").to(self.matrix.device)
         if pred.shape != target.shape:
             raise ValueError(f"pred has shape {tuple(pred.shape)} but target has {tuple(target.shape)}")
         c = self.num_classes
         _check_range(pred, c, "pred holds class {}, outside 0..{}")
-        if self.ignore_index is not None:
-            scored = target != self.ignore_index
-            target, pred = target[scored], pred[scored]
-        not_ignored = f" and not ignore_index={self.ignore_index}" if self.ignore_index is not None else ""
-        _check_range(target, c, "target holds class {}, outside 0..{}" + not_ignored)
+        ignored = None if self.ignore_index is None else target == self.ignore_index
+        not_ignored = f" and not ignore_index={self.ignore_index}" if ignored is not None else ""
+        _check_range(target, c, "target holds class {}, outside 0..{}" + not_ignored,
+                     where=None if ignored is None else ~ignored)
         # Each (ground truth g, prediction p) pair gets its own bin g * C + p: one bincount
         # counts every pixel at once, and the flat histogram reshapes into the C x C matrix.
-        counts = torch.bincount(target * c + pred, minlength=c * c)
+        # Ignored pixels go to one extra bin, C * C, which is dropped. The bin numbers are built
+        # in place in one int64 array (a 12-megapixel photo: 96 MB, and no masked copies).
+        bins = target.to(torch.int64, copy=True)
+        bins.mul_(c).add_(pred)
+        if ignored is not None:
+            bins.masked_fill_(ignored, c * c)
+        counts = torch.bincount(bins.flatten(), minlength=c * c + 1)[: c * c]
         self.matrix += counts.reshape(c, c)
 
     def compute(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ class ImageNormalizer(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std
+        return (images - self.mean).div_(self.std)  # in place on the new tensor: one image-sized copy, not two
 
 
 class PooledBatchNorm2d(nn.BatchNorm2d):
