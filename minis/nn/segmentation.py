@@ -32,7 +32,8 @@ class SemanticModel(nn.Module):
       whose ``{"c2", ..., "c5"}`` feature maps every ResNet/VGG backbone returns);
     - :meth:`scores`: features -> class scores ``[B,K,h,w]`` at the model's output stride;
     - :meth:`aux_scores`: features -> the auxiliary classifier's scores, or ``None`` (default);
-    - :meth:`resize`: scores -> ``[B,K,H,W]`` (default: bilinear, :func:`resize_to`).
+    - :meth:`resize`: scores -> ``[B,K,H,W]`` (default: bilinear, :func:`resize_to`);
+    - :meth:`losses`: logits and targets -> the loss dict (default: :func:`semantic_losses`).
     """
 
     task = "semantic"
