@@ -358,8 +358,8 @@ def deeplabv3(num_classes: int, backbone: str = "small", output_stride: int = 16
 @register("deeplabv3plus")
 def deeplabv3plus(num_classes: int, backbone: str = "small", output_stride: int = 16,
                   rates: Sequence[int] | None = None, head_channels: int = 256, low_level_channels: int | None = None,
-                  separable: bool = False, aux: bool = False, aux_weight: float = 0.4, pretrained_backbone: bool = False,
-                  frozen_bn: bool = False) -> DeepLab:
+                  separable: bool = False, aux: bool = False, aux_weight: float = 0.4,
+                  pretrained_backbone: bool = False, frozen_bn: bool = False) -> DeepLab:
     """DeepLab v3+ (paper: Xception or ResNet-101 at output stride 16, ``separable=True``).
 
     ``aux=True`` adds an auxiliary :class:`FCNHead` on ``c4`` (deep supervision, weighted 0.4 as in
