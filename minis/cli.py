@@ -68,20 +68,30 @@ def _build_model(name: str, num_classes: int, kwargs: dict[str, Any]):
 
 
 def _load_checkpoint(path: str) -> dict:
+    """What eval and predict need of the checkpoint at ``path``: weights, build arguments, data, class names.
+
+    The file is memory-mapped and the rest (optimizer state: one or two more copies of the
+    weights) is never read; the mapping goes once the weights have moved into the model.
+    """
     from minis.engine import load_checkpoint
 
     if not Path(path).is_file():
         raise UserError(f"no checkpoint at {path}")
-    return load_checkpoint(path)
+    checkpoint = load_checkpoint(path, mmap=True)
+    return {key: checkpoint[key] for key in ("model", "build_args", "data", "class_names") if key in checkpoint}
 
 
 def _model_from_checkpoint(checkpoint: dict, path: str):
+    """The model of ``checkpoint`` in eval mode; its weights move into it (the dict loses ``"model"``).
+
+    Keeping them in the dict would hold a second copy of the weights for the whole command.
+    """
     build_args = dict(checkpoint.get("build_args") or {})
     if "name" not in build_args:
         raise UserError(f"{path} does not say which model it holds (no build_args); was it written by minis?")
     name, num_classes = build_args.pop("name"), build_args.pop("num_classes")
     model = _build_model(name, num_classes, build_args)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint.pop("model"))
     return model.eval()
 
 

@@ -255,10 +255,7 @@ def draw_instances(
 
     if masks is not None and num_instances:
         # the last instance covering a pixel is on top; only covered pixels are blended
-        top = _top_instance(masks, shown, height, width)
-        covered = top >= 0
-        picture[covered] = (1 - alpha) * picture[covered] + alpha * colours.astype(np.float32)[top[covered]]
-        del top, covered
+        _blend(picture, _top_instance(masks, shown, height, width), colours.astype(np.float32), alpha)
     # 8-bit colour, what the screen shows anyway: a quarter of the float picture's memory for
     # matplotlib to convert and resample (large photos)
     picture = np.round(np.multiply(picture, 255, out=picture)).astype(np.uint8)
@@ -273,6 +270,19 @@ def draw_instances(
             ax.text(*anchor, caption, fontsize=8, color=_text_colour(colours[i]), va="bottom",
                     bbox={"facecolor": colours[i], "alpha": 0.8, "pad": 1, "edgecolor": "none"})
     return ax
+
+
+def _blend(picture: np.ndarray, top: np.ndarray, colours: np.ndarray, alpha: float) -> None:
+    """``picture [H,W,3]`` := ``(1 - alpha) picture + alpha colours[top]`` where ``top >= 0``, in place.
+
+    A band of rows at a time: the covered pixels' copies then stay small, where a whole
+    12-megapixel photo covered by masks would need several 144 MB temporaries.
+    """
+    band = max(1, DRAW_CHUNK_PIXELS // 16 // max(1, picture.shape[1]))
+    for start in range(0, picture.shape[0], band):
+        rows, owners = picture[start:start + band], top[start:start + band]
+        covered = owners >= 0
+        rows[covered] = (1 - alpha) * rows[covered] + alpha * colours[owners[covered]]
 
 
 def _draw_box(ax: Axes, arrays: dict, masks: list | np.ndarray | None, source: int, i: int, colour: np.ndarray):

@@ -158,6 +158,22 @@ def test_predict_draws_every_registered_model(name, tmp_path, monkeypatch, capsy
         assert drawing.format == "PNG" and min(drawing.size) > 50
 
 
+def test_eval_and_predict_read_only_what_they_use_of_a_checkpoint(trained):
+    """Weights, build arguments, data and class names; not the optimizer's state (more copies of the weights)."""
+    from minis.cli import _load_checkpoint, _model_from_checkpoint
+
+    tmp, _ = trained
+    path = str(tmp / "runs" / "one" / "last.pt")
+    full = torch.load(path, weights_only=True)
+    assert full["optimizer"]["state"]  # SGD's momentum buffers
+    checkpoint = _load_checkpoint(path)
+    assert set(checkpoint) == {"model", "build_args", "data", "class_names"}
+    model = _model_from_checkpoint(checkpoint, path)
+    assert "model" not in checkpoint and not model.training  # the weights moved into the model
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, full["model"][name], rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Every TrainConfig field can be said on the command line
 # --------------------------------------------------------------------------------------------

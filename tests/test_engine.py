@@ -288,6 +288,8 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
+    mapped = load_checkpoint(path, mmap=True)  # the same values, read from the file when used
+    assert mapped["epoch"] == 3 and torch.equal(mapped["weights"], torch.arange(4))
 
 
 def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path):

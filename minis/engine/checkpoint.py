@@ -41,8 +41,13 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+                    ) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (safe loader: ``weights_only=True``).
+
+    ``mmap=True`` maps the file instead of reading it: a tensor's bytes are only read when it is
+    used. Evaluating or predicting from a training checkpoint then never reads the optimizer's
+    state (one or two more copies of the weights, unused there) into memory.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (the message names it).
@@ -50,7 +55,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def capture_rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
