@@ -577,8 +577,8 @@ def gt_area_inside_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched: t
     for part in chunk_slices(len(objects), height + 1, width + 1):
         chunk = objects[part]
         integral = gt_masks.new_zeros(len(chunk), height + 1, width + 1, dtype=torch.int32)
-        torch.cumsum(gt_masks[chunk], 1, dtype=torch.int32, out=integral[:, 1:, 1:])
-        integral[:, 1:, 1:].cumsum_(2)  # integral[g, y, x]: pixels of object g in [0,y) x [0,x)
+        integral[:, 1:, 1:] = gt_masks[chunk]
+        integral.cumsum_(1).cumsum_(2)  # in place; integral[g, y, x]: pixels of object g in [0,y) x [0,x)
         pairs = torch.nonzero(torch.isin(matched, chunk)).squeeze(1)
         g = torch.searchsorted(chunk, matched[pairs])  # each pair's object within the chunk
         corners = (integral[g, y2[pairs], x2[pairs]] - integral[g, y1[pairs], x2[pairs]]
