@@ -111,7 +111,7 @@ def _binary_chunk(masks: list | np.ndarray, index: np.ndarray) -> np.ndarray:
     return chunk > 0.5 if chunk.dtype.kind == "f" else chunk != 0
 
 
-DRAW_CHUNK_PIXELS = 2**26  # mask pixels decoded or thresholded at once when drawing (64 MB of bool)
+DRAW_CHUNK_PIXELS = 2**24  # mask pixels decoded or thresholded at once when drawing (16 MB of bool)
 
 
 def _top_instance(masks: list | np.ndarray, index: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -258,7 +258,7 @@ def draw_instances(
         _blend(picture, _top_instance(masks, shown, height, width), colours.astype(np.float32), alpha)
     # 8-bit colour, what the screen shows anyway: a quarter of the float picture's memory for
     # matplotlib to convert and resample (large photos)
-    picture = np.round(np.multiply(picture, 255, out=picture)).astype(np.uint8)
+    picture = np.rint(np.multiply(picture, 255, out=picture), out=picture).astype(np.uint8)
 
     ax = _new_axes(ax)
     _show_picture(ax, picture)

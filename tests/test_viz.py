@@ -151,7 +151,7 @@ def _reference_overlay(image, masks, scores, alpha):
     return np.round(out * 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("chunk_pixels", [2**26, 40 * 56])  # all masks at once; one mask per chunk
+@pytest.mark.parametrize("chunk_pixels", [2**24, 40 * 56])  # all masks at once; one mask per chunk
 def test_rle_binary_and_probability_masks_draw_the_same_overlay(monkeypatch, chunk_pixels):
     from pycocotools import mask as mask_utils
 
