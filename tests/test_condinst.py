@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import minis.models
-from minis.models.condinst import (CondInst, count_dynamic_params, dynamic_layer_shapes, run_dynamic_heads,
-                                   split_dynamic_params, upsample_aligned)
+from minis.models.condinst import (CondInst, count_dynamic_params, dynamic_layer_shapes, mask_targets,
+                                   run_dynamic_heads, split_dynamic_params, upsample_aligned)
 from test_fcos import scene
 from test_rcnn import random_targets
 
@@ -107,6 +107,36 @@ def test_training_without_masks_is_refused_naming_the_image() -> None:
     target = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0]]), "labels": torch.tensor([1]), "image_id": 42}
     with pytest.raises(ValueError, match="image id 42: CondInst needs 'masks'"):
         model([torch.rand(3, 64, 64)], [target])
+
+
+def test_mask_targets_average_each_cell_or_sample_its_middle_pixel() -> None:
+    masks = (torch.rand(3, 16, 24, generator=torch.Generator().manual_seed(0)) > 0.6).to(torch.uint8)
+    averaged, sampled = mask_targets(masks, 4), mask_targets(masks, 4, sampled=True)
+    assert averaged.shape == sampled.shape == (3, 1, 4, 6)
+    for m in range(3):  # written out cell by cell
+        for i in range(4):
+            for j in range(6):
+                cell = masks[m, 4 * i:4 * i + 4, 4 * j:4 * j + 4].float()
+                assert averaged[m, 0, i, j] == cell.mean()
+                assert sampled[m, 0, i, j] == cell[2, 2]
+    assert set(sampled.unique().tolist()) == {0.0, 1.0}
+
+
+def test_sampled_mask_targets_change_only_the_mask_loss() -> None:
+    images = [torch.rand(3, 100, 130, generator=torch.Generator().manual_seed(1))]
+    targets = random_targets([(100, 130)], 3, seed=2)
+    for target in targets:  # a thin object, which 4x4 averages keep and sampling may not
+        target["masks"][0] = 0
+        target["masks"][0, 20:60, 33] = 1
+        target["boxes"][0] = torch.tensor([33.0, 20.0, 34.0, 60.0])
+    losses = {}
+    for sampled in (False, True):
+        torch.manual_seed(0)
+        model = minis.models.build("condinst", num_classes=3, **SMALL, sampled_mask_targets=sampled).train()
+        torch.manual_seed(1)
+        losses[sampled] = {k: float(v.detach()) for k, v in model(images, targets).items()}
+    assert losses[False]["loss_classifier"] == losses[True]["loss_classifier"]
+    assert losses[False]["loss_mask"] != losses[True]["loss_mask"]
 
 
 def test_relative_coordinates_make_the_same_head_draw_at_its_own_location() -> None:

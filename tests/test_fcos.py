@@ -132,6 +132,8 @@ def test_each_location_learns_the_smallest_object_it_falls_in_near_the_centre_in
     level1 = {tuple(p): i + locations.counts[0] for i, p in enumerate(locations.points[locations.counts[0]:].tolist())}
     assert matched[level1[(64, 64)]] == 0  # the large box's centre on level 1
     assert matched[level1[(16, 16)]] == -1  # inside the large box but far from its centre (radius 1.5 x 16)
+    whole_box = assign_locations(locations, boxes, float("inf"), low, high)  # the paper: no centre sampling
+    assert whole_box[level1[(16, 16)]] == 0
     assert (matched[locations.levels == 0] != 0).all()  # the large object is out of level 0's range
     assert (matched[locations.levels == 1] != 1).all()
     empty = assign_locations(locations, torch.zeros(0, 4), 1.5, low, high)

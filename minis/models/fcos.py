@@ -27,10 +27,31 @@ boxes predicted far from an object's centre (usually poor ones) rank low; the be
 threshold per level go through NMS.
 
 The computation follows torchvision's ``FCOS`` (tests compare outputs, losses and gradients),
-including two of its conventions: locations sit at ``(x * stride, y * stride)``, the corner of
-each cell rather than its centre (``location_offset=0.5`` gives the paper's centres), and the
-class logits have a column for the background label 0 that is never a positive. Detections
-never carry label 0.
+so that ``minis.models.from_torchvision`` loads its COCO weights exactly. One thing differs from
+torchvision: its class logits have a column for the background label 0, which training never
+makes positive; minis keeps the column (so the weights load) but never reports label 0.
+
+Departures from the paper (the ICCV 2019 version), each torchvision's choice unless said:
+
+* **Distances without a learnable scale per level.** The paper predicts ``exp(s_l x)`` pixels
+  with a learnable scalar ``s_l`` per level, since the levels share the head but regress
+  distances of different ranges. Here they are ``relu(x)`` in units of the level's stride (the
+  authors' later "normalised regression targets"), which already puts every level in one range.
+  ``learnable_scales=True`` adds the paper's scalars (one per level, initialised to 1, on the
+  output before the ReLU); off by default so that ported torchvision weights stay exact.
+* **Scores ``sqrt(p x centre-ness)``** where the paper multiplies ``p x centre-ness``. The square
+  root changes no ranking (so neither NMS nor AP); it keeps the score on the scale of a
+  probability for thresholds and display.
+* **The threshold applies to that combined score** (``score_thresh=0.2``, i.e. ``p x
+  centre-ness > 0.04``), where the paper keeps locations with a class probability above 0.05
+  and only then multiplies by the centre-ness; the best ``topk_candidates`` per level follow.
+* **GIoU loss** for the boxes; the paper's IoU loss ``-ln(IoU)`` is ``box_loss="iou"``.
+* **Centre-ness on the regression tower** and **centre sampling** (``center_sampling_radius``
+  1.5 strides; ``inf`` accepts the whole box, as in the paper): two of the "improvements" of
+  the journal version and the authors' code, not in the ICCV paper, which puts the centre-ness
+  on the classification tower and makes every location inside a box a candidate.
+* **Locations at the corners of their cells** ``(x * stride, y * stride)``; the paper's cell
+  centres are ``location_offset=0.5`` (which torchvision's twin cannot follow).
 """
 
 from __future__ import annotations
@@ -99,7 +120,8 @@ def tower(channels: int, layers: int) -> nn.Sequential:
         conv = nn.Conv2d(channels, channels, 3, padding=1)
         nn.init.normal_(conv.weight, std=0.01)
         nn.init.zeros_(conv.bias)
-        modules += [conv, nn.GroupNorm(32, channels), nn.ReLU()]
+        # ReLU in place: no new buffer per layer (group norm's backward needs its input, not its output)
+        modules += [conv, nn.GroupNorm(32, channels), nn.ReLU(inplace=True)]
     return nn.Sequential(*modules)
 
 

@@ -22,8 +22,31 @@
 The three models are one class each, each extending the one before. Every step matches
 torchvision's ``FasterRCNN`` and ``MaskRCNN`` number for number: ``minis.models.from_torchvision``
 (:mod:`minis.models.porting`) loads their weights and the tests compare the outputs, and the
-training losses, given the same random state. The FPN and image plumbing live in :mod:`minis.nn.fpn` and
-:mod:`minis.nn.detection`; boxes, anchors, NMS and RoIAlign in :mod:`minis.ops`.
+training losses, given the same random state. The FPN and image plumbing live in
+:mod:`minis.nn.fpn` and :mod:`minis.nn.detection`; boxes, anchors, NMS and RoIAlign in
+:mod:`minis.ops`.
+
+Departures from the Faster R-CNN and Mask R-CNN papers, all torchvision's (and Detectron's)
+choices, kept so that torchvision's weights load and its outputs are reproduced:
+
+* **Faster R-CNN is its FPN version** (Lin et al., CVPR 2017): proposals and RoIs on P2-P6 with
+  one anchor size per level (32 to 512) and three aspect ratios, a box head of two 1024-wide
+  fully connected layers, images of 800 pixels (at most 1333). The paper uses one feature map
+  (VGG-16's conv5), 3 sizes x 3 ratios of anchors at every position, VGG's 4096-wide layers
+  and 600-pixel images; the FPN version is the one Mask R-CNN builds on and torchvision ships.
+* **RoIAlign in Faster R-CNN too**, not the paper's RoIPool (Mask R-CNN's improvement, which
+  also helps boxes).
+* **End-to-end training**: the RPN and head losses are summed and trained together (the paper's
+  "approximate joint training") rather than in the paper's four alternating steps.
+* **One objectness logit per anchor** with a sigmoid, not two scores with a softmax: the same
+  model with half the outputs, an alternative the paper names itself.
+* **Background RoIs from IoU 0**, not 0.1: a box that touches no object is a negative too.
+* **Smooth L1 with beta 1/9 in the box head** (the paper's is 1, i.e. sigma 1), as in the RPN.
+* **ResNet "v1.5"** (the stride on the 3x3 convolution, torchvision's ImageNet weights) and RGB
+  images scaled to 0..1 and normalised by ImageNet's mean and std, where the papers' Caffe
+  ResNets stride on the first 1x1 convolution and subtract a BGR mean from 0..255 pixels.
+* **Masks are returned as probabilities** pasted into the image (torchvision's output format);
+  the paper binarises them at 0.5, which :func:`minis.eval.coco_evaluate` does before scoring.
 """
 
 from __future__ import annotations
