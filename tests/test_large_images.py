@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minis.models.rcnn import gt_area_inside_boxes
+from minis.models.ms_rcnn import gt_area_inside_boxes
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

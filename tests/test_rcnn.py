@@ -13,8 +13,8 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 import minis.models
 from minis.models.porting import torchvision_twin
-from minis.models.rcnn import (MaskScoringRCNN, RCNNConfig, gt_area_inside_boxes, mask_iou_targets,
-                               project_masks_on_boxes)
+from minis.models.ms_rcnn import MaskScoringRCNN, gt_area_inside_boxes, mask_iou_targets
+from minis.models.rcnn import RCNNConfig, project_masks_on_boxes
 from minis.nn.detection import DetectionTransform, match_boxes, sample_balanced
 from minis.nn.fpn import FPN
 
