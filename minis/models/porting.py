@@ -179,9 +179,11 @@ def torchvision_twin(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 
 # torchvision state-dict key prefixes -> minis ones (the rest of each key is unchanged)
-RCNN_KEY_MAP = (
+FPN_KEY_MAP = (
     ("backbone.fpn.inner_blocks.{i}.0.", "backbone.fpn.lateral.{i}."),
     ("backbone.fpn.layer_blocks.{i}.0.", "backbone.fpn.smooth.{i}."),
+)
+RCNN_KEY_MAP = FPN_KEY_MAP + (
     ("rpn.head.conv.0.0.", "rpn.head.conv."),
     ("rpn.head.cls_logits.", "rpn.head.objectness."),
     ("rpn.head.bbox_pred.", "rpn.head.deltas."),
@@ -290,9 +292,7 @@ def _rcnn_twin(model: FasterRCNN) -> nn.Module:
 # FCOS
 # ----------------------------------------------------------------------------------------------
 
-FCOS_KEY_MAP = (
-    ("backbone.fpn.inner_blocks.{i}.0.", "backbone.fpn.lateral.{i}."),
-    ("backbone.fpn.layer_blocks.{i}.0.", "backbone.fpn.smooth.{i}."),
+FCOS_KEY_MAP = FPN_KEY_MAP + (
     ("backbone.fpn.extra_blocks.", "backbone.fpn."),
     ("head.classification_head.conv.", "head.cls_tower."),
     ("head.classification_head.cls_logits.", "head.cls_logits."),
