@@ -49,7 +49,9 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        # the shift is added in place to the product: one activation-sized buffer fewer per layer
+        # (fewer page faults per call on the CPU), the same numbers
+        return (x * scale[None, :, None, None]).add_(shift[None, :, None, None])
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
