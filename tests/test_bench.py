@@ -328,7 +328,7 @@ def test_condinst_bench_times_three_models_and_the_growth_with_instances(capsys,
 # The package: one module per suite, recipes beside the models
 # --------------------------------------------------------------------------------------------
 
-SUITE_COMMANDS = ["semantic", "rcnn", "rcnn-training", "fcos-training", "ms-rcnn", "condinst", "gpu"]
+SUITE_COMMANDS = ["semantic", "rcnn", "rcnn-training", "fcos-training", "ms-rcnn", "condinst", "gpu", "stability"]
 
 
 @pytest.mark.parametrize("suite", SUITE_COMMANDS)
@@ -376,6 +376,15 @@ def test_recipes_live_beside_the_models_and_are_defined_once():
     assert fcos.SHAPES_RECIPE is rcnn.SHAPES_RECIPE and condinst.SHAPES_RECIPE is rcnn.SHAPES_RECIPE
     assert bench.SEMANTIC_SHAPES is shapes.SEMANTIC_SHAPES
     assert not hasattr(bench, "RCNN_TRAINING_CONFIG")  # no recipe left in the benchmarks
+    # the semantic chapters share one recipe; each model file adds its epochs (and FCN its stages)
+    from minis.models import baseline, deeplab, fcn, pspnet, unet
+    from minis.nn import SEMANTIC_SHAPES_RECIPE
+
+    assert fcn.SHAPES_RECIPE is SEMANTIC_SHAPES_RECIPE
+    for module in (baseline, unet, deeplab, pspnet):
+        TrainConfig(**module.SHAPES_RECIPE)
+    for module in (unet, deeplab, pspnet):
+        assert module.SHAPES_RECIPE.items() >= SEMANTIC_SHAPES_RECIPE.items()
 
 
 def test_random_target_masks_fill_their_rounded_boxes():

@@ -14,6 +14,8 @@ suite (module)          what it measures
 ``condinst``            CondInst against FCOS and Mask R-CNN, and as the instances grow
 ``gpu``                 every model trained a few mixed-precision steps and run on CUDA, its
                         outputs checked; Mask R-CNN and FCOS against torchvision there
+``stability``           each chapter's headline model re-trained by the chapter's recipe over
+                        seeds and thread counts: mean, min, max and spread of its result
 ======================  ====================================================================
 
 Every suite module defines ``add_parser(suites)``, which adds its sub-command(s) to ``bench`` with
@@ -39,13 +41,14 @@ from minis.bench.gpu import GPU_COLUMNS, bench_gpu
 from minis.bench.mask_scoring import MASK_SCORING_COLUMNS, bench_mask_scoring, mask_scoring_means
 from minis.bench.rcnn import (FCOS_LOSS_NAMES, OP_COLUMNS, OP_SIZES, RCNN_COLUMNS, RCNN_MODELS, bench_ops, bench_rcnn,
                               torchvision_rcnn)
+from minis.bench.stability import HEADLINES, RUN_COLUMNS, SUMMARY_COLUMNS, bench_stability, stability_summary
 from minis.bench.semantic import (PORT_COLUMNS, PORTED_MODELS, SEMANTIC_COLUMNS, SEMANTIC_MODELS, bench_ports,
                                   bench_semantic, resolve_models)
 from minis.bench.twin_training import RCNN_TRAINING_COLUMNS, bench_rcnn_training, bench_twin_training
 from minis.data.shapes import SEMANTIC_SHAPES
 
 # The suite modules, in the order ``python -m minis bench --help`` lists their commands.
-SUITES = ("semantic", "rcnn", "twin_training", "mask_scoring", "condinst", "gpu")
+SUITES = ("semantic", "rcnn", "twin_training", "mask_scoring", "condinst", "gpu", "stability")
 
 
 def add_parsers(bench: argparse.ArgumentParser) -> None:
@@ -68,4 +71,5 @@ __all__ = [
     "MASK_SCORING_COLUMNS", "bench_mask_scoring", "mask_scoring_means",
     "CONDINST_COLUMNS", "INSTANCE_COLUMNS", "bench_condinst",
     "GPU_COLUMNS", "bench_gpu",
+    "HEADLINES", "RUN_COLUMNS", "SUMMARY_COLUMNS", "bench_stability", "stability_summary",
 ]

@@ -49,3 +49,8 @@ class BaselineFCN(SemanticModel):
 @register("baseline_fcn")
 def baseline_fcn(num_classes: int, width: int = 32) -> BaselineFCN:
     return BaselineFCN(num_classes, width=width)
+
+
+# The foundations chapter's first run (TrainConfig fields): ten epochs on the default shapes benchmark,
+# augmented by a horizontal flip alone, so that each image is seen ten times in about a minute.
+SHAPES_RECIPE: dict = {"epochs": 10, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3, "warmup_iters": 20}

@@ -76,7 +76,7 @@ from torch import nn
 
 from minis.models import build, register
 from minis.models.porting import register_port
-from minis.nn import BackboneHeadModel, FCNHead, PooledBatchNorm2d, build_backbone, conv_bn_relu, resize_to
+from minis.nn import SEMANTIC_SHAPES_RECIPE, BackboneHeadModel, FCNHead, PooledBatchNorm2d, build_backbone, conv_bn_relu, resize_to
 from minis.nn.backbones import DILATIONS, vgg16
 
 
@@ -432,3 +432,10 @@ def from_torchvision_deeplabv3(tv_model: nn.Module) -> DeepLab:
     renames = _torchvision_key_renames(len(rates))
     model.load_state_dict({_rename(key, renames): value for key, value in tv_model.state_dict().items()}, strict=True)
     return model.train(tv_model.training)
+
+
+# The DeepLab/PSPNet chapter's options for DeepLab v3 and v3+ on the semantic shapes variant (a 64-channel
+# head and PSPNet's deep supervision, so that the three compare alike) and its recipe: the semantic
+# chapters' (SEMANTIC_SHAPES_RECIPE) for 12 epochs. PSPNet's are in pspnet.py.
+SHAPES_OPTIONS: dict = {"head_channels": 64, "aux": True, "aux_weight": 0.4}
+SHAPES_RECIPE: dict = {**SEMANTIC_SHAPES_RECIPE, "epochs": 12, "channels_last": True}

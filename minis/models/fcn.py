@@ -58,7 +58,7 @@ from torch import nn
 
 from minis.models import build, register
 from minis.models.porting import register_port
-from minis.nn import FCNHead, SemanticModel, bilinear_upsampling, build_backbone
+from minis.nn import SEMANTIC_SHAPES_RECIPE, FCNHead, SemanticModel, bilinear_upsampling, build_backbone
 from minis.nn.backbones import VGG16
 
 # The skips, from coarse to fine: each is at half the stride of the map before it.
@@ -213,3 +213,9 @@ def from_torchvision_fcn(tv_model: nn.Module) -> FCN:
     )
     model.load_state_dict(tv_model.state_dict(), strict=True)
     return model.train(tv_model.training)
+
+
+# The FCN chapter's recipe on the semantic shapes variant: the semantic chapters' (SEMANTIC_SHAPES_RECIPE),
+# in the paper's stages: FCN-32s from scratch, then each finer net from the coarser one's weights.
+SHAPES_RECIPE: dict = SEMANTIC_SHAPES_RECIPE
+SHAPES_STAGES: tuple[tuple[str, int], ...] = (("fcn32s", 16), ("fcn16s", 8), ("fcn8s", 8))  # (model, epochs)

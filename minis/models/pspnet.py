@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from minis.models import register
-from minis.nn import BackboneHeadModel, FCNHead, PooledBatchNorm2d, build_backbone, resize_to
+from minis.nn import SEMANTIC_SHAPES_RECIPE, BackboneHeadModel, FCNHead, PooledBatchNorm2d, build_backbone, resize_to
 
 
 class PoolingBranch(nn.Module):
@@ -123,3 +123,9 @@ def pspnet(num_classes: int, backbone: str = "small", bins: Sequence[int] = (1, 
     head = PSPHead(features.channels["c5"], num_classes, bins, head_channels, dropout)
     aux_head = FCNHead(features.channels["c4"], num_classes) if aux else None
     return PSPNet(features, head, aux_head, aux_weight)
+
+
+# The DeepLab/PSPNet chapter's options for PSPNet (its auxiliary loss is on by default) and its recipe:
+# the semantic chapters' (SEMANTIC_SHAPES_RECIPE) for 12 epochs, as for DeepLab v3 and v3+.
+SHAPES_OPTIONS: dict = {"head_channels": 64}
+SHAPES_RECIPE: dict = {**SEMANTIC_SHAPES_RECIPE, "epochs": 12, "channels_last": True}

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minis.models import register
-from minis.nn import IGNORE_INDEX, SemanticModel, conv_bn_relu, resize_to, semantic_losses
+from minis.nn import IGNORE_INDEX, SEMANTIC_SHAPES_RECIPE, SemanticModel, conv_bn_relu, resize_to, semantic_losses
 
 
 def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -320,3 +320,9 @@ def unet(num_classes: int, depth: int = 4, width: int = 32, bilinear: bool = Fal
     """U-Net (paper: ``depth=4``, ``width=64``, transposed-convolution upsampling, ``border_weight=True``)."""
     return UNet(num_classes, depth=depth, width=width, bilinear=bilinear, aux_weight=aux_weight,
                 border_weight=border_weight, w0=w0, sigma=sigma)
+
+
+# The U-Net chapter's model and recipe on the semantic shapes variant: a narrow, 4-level U-Net with
+# deep supervision, trained by the semantic chapters' recipe (SEMANTIC_SHAPES_RECIPE) for 18 epochs.
+SHAPES_OPTIONS: dict = {"width": 8, "depth": 4, "aux_weight": 0.4}
+SHAPES_RECIPE: dict = {**SEMANTIC_SHAPES_RECIPE, "epochs": 18, "channels_last": True}

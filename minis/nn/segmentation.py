@@ -139,3 +139,9 @@ def semantic_losses(
     if aux_logits is not None:
         losses["loss_aux"] = aux_weight * F.cross_entropy(aux_logits, targets, ignore_index=IGNORE_INDEX)
     return losses
+
+
+# The semantic chapters' training recipe on the semantic shapes variant (TrainConfig fields; each
+# model file adds its epochs): AdamW with a short linear warm-up, then the poly schedule, batch 16.
+# The data is :data:`minis.data.shapes.SEMANTIC_SHAPES`, augmented by a horizontal flip alone.
+SEMANTIC_SHAPES_RECIPE: dict = {"batch_size": 16, "optimizer": "adamw", "lr": 3e-3, "warmup_iters": 50}
