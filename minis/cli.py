@@ -175,27 +175,32 @@ def cmd_data_labelme(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, recipe: dict[str, Any] | None = None):
+    """The TrainConfig of ``minis train``: ``recipe`` (``--recipe shapes``: the chapter's), then the
+    options given on the command line; what neither sets keeps TrainConfig's defaults."""
     from minis.engine import TrainConfig
 
     options = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
+        **(recipe or {}),
         "device": args.device,
         "num_workers": args.workers,
         "seed": args.seed,
         "amp": not args.no_amp,
-        "channels_last": args.channels_last,
-        "clip_grad_norm": args.clip_grad,
         "eval_every": args.eval_every,
         "progress": not args.no_progress,
         "find_unused_parameters": args.find_unused_parameters,
     }
-    # options not given keep TrainConfig's defaults (every field of TrainConfig has its option)
-    for name in ("lr", "optimizer", "momentum", "weight_decay", "schedule", "warmup_iters", "warmup_factor",
-                 "poly_power", "milestones", "gamma", "eval_batch_size", "log_every"):
+    if args.channels_last:
+        options["channels_last"] = True
+    if args.clip_grad is not None:
+        options["clip_grad_norm"] = args.clip_grad
+    # every field of TrainConfig has its option
+    for name in ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "warmup_iters",
+                 "warmup_factor", "poly_power", "milestones", "gamma", "eval_batch_size", "log_every"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    options.setdefault("epochs", 10)
+    options.setdefault("batch_size", 8)
     try:
         return TrainConfig(**options)
     except ValueError as error:
@@ -205,11 +210,18 @@ def _train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    import minis.models
     from minis.data import catalog
     from minis.engine import Trainer, distributed
 
-    config = _train_config(args)
-    kwargs = _model_kwargs(args.model_arg)
+    recipe, kwargs = None, _model_kwargs(args.model_arg)
+    if args.recipe == "shapes":  # the chapter's model settings and training recipe; explicit options win
+        try:
+            recipe = minis.models.shapes_recipe(args.model)
+        except KeyError as error:  # an unknown model, or one without a recipe
+            raise UserError(f"--recipe shapes: {error.args[0]}") from error
+        kwargs = {**minis.models.shapes_settings(args.model), **kwargs}
+    config = _train_config(args, recipe)
     if args.resume and not (Path(args.out) / "last.pt").is_file():
         raise UserError(f"--resume: no checkpoint at {Path(args.out) / 'last.pt'}")
     # The classes fix num_classes; the model's task then picks the datasets.
@@ -252,22 +264,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _draw_prediction(model, image, output, class_names, score_threshold: float):
-    """A figure with the prediction overlaid on ``image`` ([3,H,W] in 0..1)."""
+def _draw_prediction(model, image, output, class_names, score_threshold: float, target: dict | None = None):
+    """A figure with the prediction overlaid on ``image`` ([3,H,W] in 0..1); with a ``target`` (a
+    dataset's annotations of the image), the ground truth beside it, drawn the same way."""
     import matplotlib.pyplot as plt
 
     from minis import viz
 
-    figure, ax = plt.subplots(figsize=(5, 5))
+    panels = 1 if target is None else 2
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 5), squeeze=False)
+    ax = axes[0, -1]
     if model.task == "semantic":
         viz.draw_semantic(image, output.argmax(0), class_names, ax=ax)
     else:  # masks: RLEs for segmenting models; none for box-only ones (Faster R-CNN, FCOS)
         viz.draw_instances(image, output["boxes"], output.get("masks"), output["labels"], output["scores"],
                            class_names, ax=ax, score_threshold=score_threshold)
+    if target is not None:
+        if model.task == "semantic":
+            viz.draw_semantic(image, target["semantic"], class_names, ax=axes[0, 0])
+        else:  # crowd regions are not objects to find: left out, as the evaluation leaves them out
+            objects = ~target["iscrowd"].bool() if "iscrowd" in target else slice(None)
+            viz.draw_instances(image, target["boxes"][objects], target["masks"][objects] if "masks" in target else None,
+                               target["labels"][objects], None, class_names, ax=axes[0, 0])
+        axes[0, 0].set_title(f"image {int(target['image_id'])}: ground truth", fontsize=10)
+        ax.set_title("prediction" + ("" if model.task == "semantic" else f" (score >= {score_threshold})"),
+                     fontsize=10)
+        figure.tight_layout()
     return figure
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if not args.images and not args.val:
+        raise UserError("predict: give IMAGE files, or --val N for the first N validation images")
     checkpoint = _load_checkpoint(args.checkpoint)
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:
@@ -292,7 +320,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         saved = viz.save_figure(figure, out_dir / f"{Path(path).stem}.png")
         plt.close(figure)
         print(f"{path} -> {saved}")
+    if args.val:
+        for image, target in _validation_samples(checkpoint, args, model.task):
+            output = predict(model, image, device=device, rle=True)
+            figure = _draw_prediction(model, image, output, class_names, args.score_threshold, target)
+            saved = viz.save_figure(figure, out_dir / f"val_{int(target['image_id']):06d}.png")
+            plt.close(figure)
+            print(f"validation image {int(target['image_id'])}: ground truth | prediction -> {saved}")
     return 0
+
+
+def _validation_samples(checkpoint: dict, args: argparse.Namespace, task: str):
+    """The first ``args.val`` (image, target) pairs of the checkpoint's validation set."""
+    from minis.data import catalog
+
+    data = dict(checkpoint.get("data") or {})
+    if not data.get("kind") or not data.get("root"):
+        raise UserError(f"{args.checkpoint} does not record its dataset: --val needs one")
+    dataset = catalog.build_dataset(data["kind"], data["root"], task, "val")
+    for index in range(min(args.val, len(dataset))):
+        yield dataset[index]
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,8 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("model", help="a name from minis.models.list_models()")
     train.add_argument("--data", choices=["shapes", "coco"], default="shapes")
     train.add_argument("--data-root", default="data/shapes")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--recipe", choices=["shapes"],
+                       help="shapes: the book's settings and chapter recipe for MODEL on the shapes benchmark "
+                            "(its model file's SHAPES_SETTINGS and SHAPES_RECIPE); options given here override them")
+    train.add_argument("--epochs", type=int, help="default: the recipe's, else 10")
+    train.add_argument("--batch-size", type=int, help="default: the recipe's, else 8")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     train.add_argument("--out", required=True, help="run folder: last.pt, metrics.jsonl, curves.png")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -374,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="draw a checkpoint's predictions on images")
     predict.add_argument("checkpoint")
-    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("images", nargs="*", metavar="IMAGE")
+    predict.add_argument("--val", type=int, default=0, metavar="N",
+                         help="also draw the first N images of the validation set it was trained with, "
+                              "ground truth | prediction side by side")
     predict.add_argument("--out", required=True, help="folder for the overlay PNGs (one per image)")
     predict.add_argument("--score-threshold", type=float, default=0.5, help="instance models: detections shown")
     predict.add_argument("--device", default="auto")

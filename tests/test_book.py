@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -93,3 +94,16 @@ def test_stored_progress_bars_keep_what_a_terminal_shows() -> None:
     assert terminal_view("eval: 10%\reval: 96% 192/200\r" + " " * 20 + "\r") == ""
     assert terminal_view("eval: 96% 192/200\r\nnext") == "eval: 96% 192/200\nnext"
     assert terminal_view("long line here\rshort") == "shortline here"  # overwritten, not replaced
+
+
+def test_ci_prints_chapter_times_and_fails_a_chapter_over_the_limit() -> None:
+    """The root conftest sums each chapter's nbval items; over the limit, pytest exits non-zero."""
+    run = lambda limit: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", str(BOOK / "intro.ipynb")], cwd=BOOK.parent,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "MINIS_CHAPTER_LIMIT_S": limit})
+    within = run("480")
+    assert within.returncode == 0, within.stdout[-2000:]
+    assert re.search(r"\d+\.\d s  book/intro\.ipynb\n", within.stdout)
+    over = run("0.001")
+    assert over.returncode == 1
+    assert "book/intro.ipynb ran" in over.stdout and "broken, not slow" in over.stdout

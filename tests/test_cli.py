@@ -251,3 +251,47 @@ def test_step_schedule_from_the_command_line_multiplies_the_rate_at_each_milesto
     assert checkpoint["optimizer"]["param_groups"][0]["momentum"] == 0.5
     # the rate each epoch's last step used: 0.05, then halved at epoch 1 and again at epoch 2
     assert [record["lr"] for record in checkpoint["history"]] == pytest.approx([0.05, 0.025, 0.0125])
+
+
+def test_recipe_shapes_takes_the_chapters_settings_and_recipe_and_options_override_it(monkeypatch):
+    import dataclasses
+
+    from minis.cli import _train_config, build_parser
+    from minis.models import condinst
+
+    args = build_parser().parse_args(["train", "condinst", "--recipe", "shapes", "--out", "r", "--lr", "0.01"])
+    config = dataclasses.asdict(_train_config(args, registry.shapes_recipe("condinst")))
+    assert {k: config[k] for k in condinst.SHAPES_RECIPE if k != "lr"} == {
+        k: v for k, v in condinst.SHAPES_RECIPE.items() if k != "lr"}
+    assert config["lr"] == 0.01  # given on the command line: it wins
+    from minis.models import pspnet
+
+    monkeypatch.delattr(pspnet, "SHAPES_RECIPE")  # a model file without a recipe
+    with pytest.raises(KeyError, match="'pspnet' has no shapes recipe; models with one: .*condinst"):
+        registry.shapes_recipe("pspnet")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_recipe_shapes_trains_with_the_model_settings(workspace, monkeypatch, capsys):
+    monkeypatch.chdir(workspace)
+    argv = ["train", "fcos", "--recipe", "shapes", "--data-root", "shapes", "--epochs", "1", "--eval-every", "0",
+            "--no-progress", "--out", "runs/recipe"]
+    assert main(argv) == 0
+    checkpoint = torch.load(workspace / "runs" / "recipe" / "last.pt", weights_only=True)
+    assert checkpoint["build_args"] == {"name": "fcos", "num_classes": 6, **registry.shapes_settings("fcos")}
+    assert checkpoint["config"]["warmup_iters"] == registry.shapes_recipe("fcos")["warmup_iters"]
+    assert main(["train", "no_such_model", "--recipe", "shapes", "--data-root", "shapes", "--out", "r"]) == 2
+    assert "--recipe shapes: unknown model 'no_such_model'" in capsys.readouterr().err
+
+
+def test_predict_val_draws_ground_truth_beside_the_prediction(trained, monkeypatch, capsys):
+    tmp, _ = trained
+    monkeypatch.chdir(tmp)
+    assert main(["predict", "runs/one/last.pt", "--val", "2", "--out", "beside", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    drawn = sorted((tmp / "beside").iterdir())
+    assert [p.name for p in drawn] == ["val_000001.png", "val_000002.png"] and "ground truth | prediction" in printed
+    with Image.open(drawn[0]) as beside:
+        assert beside.size[0] > 1.6 * beside.size[1]  # two square panels side by side
+    assert main(["predict", "runs/one/last.pt", "--out", "nothing"]) == 2
+    assert "give IMAGE files, or --val N" in capsys.readouterr().err

@@ -663,3 +663,20 @@ def test_every_instance_model_gives_the_same_masks_as_rles(name, monkeypatch):
     decoded = mask_utils.decode(compact["masks"])  # [H,W,N]
     np.testing.assert_array_equal(decoded.transpose(2, 0, 1), binary)
     assert binary.any(axis=(1, 2)).sum() > 0  # not every mask is empty
+
+
+def test_curves_draw_each_loss_once_and_the_validation_metrics_beside(tmp_path):
+    from minis.engine.trainer import curves_figure
+
+    def write(records):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        figure = curves_figure(tmp_path / "metrics.jsonl")
+        return [[line.get_label() for line in ax.lines] for ax in figure.axes]
+
+    semantic = [{"kind": "train", "iteration": i, "epoch": 0, "loss": 1.0 / i, "loss_ce": 1.0 / i, "lr": 0.1}
+                for i in (10, 20)] + [{"kind": "val", "epoch": 0, "mIoU": 0.4, "pixel_accuracy": 0.9, "num_images": 4}]
+    # one loss term is the loss itself: one line, not two identical ones
+    assert write(semantic) == [["train loss"], ["val mIoU", "val pixel_accuracy"]]
+    instance = [{"kind": "train", "iteration": 10, "epoch": 0, "loss": 2.0, "loss_mask": 1.0, "loss_box": 1.0}]
+    assert write(instance) == [["train loss", "train loss_box", "train loss_mask"]]
+    assert write([{"kind": "val", "epoch": 0, "segm_AP": 0.1, "bbox_AP": 0.2}]) == [["val bbox_AP", "val segm_AP"]]

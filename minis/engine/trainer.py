@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -157,6 +158,37 @@ def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def curves_figure(log: str | os.PathLike):
+    """The figure of ``curves.png``: the training loss and its terms (log scale) on the left, the
+    validation headline metrics (:data:`HEADLINE_METRICS`) on the right when the run evaluated.
+
+    A loss with a single term (a semantic model's ``loss_ce``) is drawn once, as ``loss``; per-class
+    numbers are left out, they would crowd the plot.
+    """
+    import matplotlib.pyplot as plt
+
+    from minis.viz import plot_curves
+
+    records = [json.loads(line) for line in Path(log).read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [r for r in records if r.get("kind", "train") == "train"]
+    val = [r for r in records if r.get("kind") == "val"]
+    terms = sorted({key for r in train for key in r if key.startswith("loss_")})
+    losses = ["loss", *terms] if len(terms) > 1 else ["loss"]
+    metrics = [key for key in HEADLINE_METRICS if any(key in r for r in val)]
+    panels = [("training loss (mean over the logging interval)", train, losses)] * bool(train)
+    panels += [("validation", records, metrics)] * bool(metrics)
+    if not panels:
+        raise ValueError(f"{log}: no training record and no validation metric to plot")
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, chosen, keys) in zip(axes[0], panels):
+        plot_curves(chosen, keys=keys, ax=ax)
+        ax.set_title(title, fontsize=10)
+        if chosen is train:
+            ax.set_yscale("log")
+    figure.tight_layout()
+    return figure
 
 
 class Trainer:
@@ -598,10 +630,8 @@ class Trainer:
 
             from minis.viz import plot_curves, save_figure
 
-            # Losses and the headline metrics; per-class numbers would crowd the plot.
-            losses = sorted({key for record in self.history for key in record if key.startswith("loss")})
-            ax = plot_curves(self.out_dir / "metrics.jsonl", keys=[*losses, *HEADLINE_METRICS])
-            save_figure(ax.figure, self.out_dir / "curves.png")
-            plt.close(ax.figure)
+            figure = curves_figure(self.out_dir / "metrics.jsonl")
+            save_figure(figure, self.out_dir / "curves.png")
+            plt.close(figure)
         except Exception as error:  # noqa: BLE001 - curves are a convenience, the run succeeded
             warnings.warn(f"could not plot the training curves: {error!r}")

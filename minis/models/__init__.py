@@ -63,6 +63,20 @@ def shapes_settings(name: str) -> dict:
     return dict(getattr(module, "SHAPES_SETTINGS", {}))
 
 
+def shapes_recipe(name: str) -> dict:
+    """The chapter's training recipe of model ``name`` on shapes: its model file's ``SHAPES_RECIPE``
+    (:class:`~minis.engine.TrainConfig` fields). Raises ``KeyError`` for a model whose file has none.
+
+    >>> config = TrainConfig(**shapes_recipe("condinst"), device="cpu")
+    """
+    shapes_settings(name)  # an unknown name: the same message
+    module = sys.modules[_REGISTRY[name].__module__]
+    if not hasattr(module, "SHAPES_RECIPE"):
+        having = [n for n in list_models() if hasattr(sys.modules[_REGISTRY[n].__module__], "SHAPES_RECIPE")]
+        raise KeyError(f"{name!r} has no shapes recipe; models with one: {', '.join(having)}")
+    return dict(module.SHAPES_RECIPE)
+
+
 def from_torchvision(tv_model: torch.nn.Module) -> torch.nn.Module:
     """Return the minis model with the same weights and outputs as a torchvision model.
 
