@@ -680,3 +680,15 @@ def test_curves_draw_each_loss_once_and_the_validation_metrics_beside(tmp_path):
     instance = [{"kind": "train", "iteration": 10, "epoch": 0, "loss": 2.0, "loss_mask": 1.0, "loss_box": 1.0}]
     assert write(instance) == [["train loss", "train loss_box", "train loss_mask"]]
     assert write([{"kind": "val", "epoch": 0, "segm_AP": 0.1, "bbox_AP": 0.2}]) == [["val bbox_AP", "val segm_AP"]]
+
+
+def test_a_run_shorter_than_the_logging_interval_still_logs_and_plots(tmp_path, recwarn):
+    """The steps after the last full logging interval are logged at the end of training, so a
+    short run gets a training record and its curves (4 steps with log_every=10)."""
+    trainer = Trainer(baseline(), Squares(16), None, config(epochs=1, log_every=10), out_dir=tmp_path)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["iteration"]) for r in records] == [("train", 4)]
+    assert records[0]["loss"] == pytest.approx(trainer.history[0]["loss"])  # the mean of the same 4 steps
+    assert (tmp_path / "curves.png").is_file()
+    assert not [w for w in recwarn if "could not plot" in str(w.message)]

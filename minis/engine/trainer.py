@@ -284,6 +284,8 @@ class Trainer:
         except KeyboardInterrupt:
             self._save_after_interrupt()
             raise
+        if self._window_count:  # the last steps, fewer than log_every: a short run still has its record
+            self._log_train(self.config.epochs - 1)
         self._plot_curves()
         return self.history
 
@@ -366,7 +368,8 @@ class Trainer:
         self.iteration = checkpoint["iteration"]
         self.history = checkpoint["history"]
         self._epoch_stats = checkpoint["epoch_stats"]
-        self._window, self._window_count = {}, 0
+        # the losses since the last "train" record (older checkpoints did not keep them)
+        self._window, self._window_count = checkpoint.get("log_window", ({}, 0))
         self._metrics_lines = checkpoint["metrics_lines"]
         rng_states = checkpoint["rng"]
         if self.dist.rank < len(rng_states):
@@ -408,6 +411,7 @@ class Trainer:
             "epoch_stats": self._epoch_stats,
             "history": self.history,
             "metrics_lines": self._metrics_lines,
+            "log_window": (self._window, self._window_count),
             "rng": rng_states,  # one state per rank
             "world_size": self.dist.world_size,
             "config": dataclasses.asdict(self.config),
