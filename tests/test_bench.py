@@ -137,6 +137,8 @@ TINY_OPS = {
     "batched_nms": {"boxes": 80, "classes": 5},
     **{op: {"boxes": 8, "channels": 4, "height": 20, "width": 24} for op in ("roi_align_7x7", "roi_align_14x14")},
     "roi_pool_7x7": {"boxes": 8, "channels": 4, "height": 10, "width": 12},
+    **{op: {"boxes": 8, "channels": 2 * 7 * 7, "height": 10, "width": 12}
+       for op in ("ps_roi_align_7x7", "ps_roi_pool_7x7")},
     "multiscale_roi_align": {"boxes": 20, "channels": 4, "height": 128, "width": 160},
     "paste_masks_in_image": {"masks": 5, "height": 40, "width": 50},
     "AnchorGenerator": {"height": 128, "width": 160}, "BoxCoder.decode": {"boxes": 100},

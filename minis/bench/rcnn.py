@@ -9,7 +9,8 @@ Two tables:
    optionally with mixed precision, is what ``bench gpu`` times);
 2. :func:`bench_ops` times each plain :mod:`minis.ops` function (IoU, NMS, RoIAlign, RoIPool,
    multi-scale RoIAlign, mask pasting, anchors, box decoding) against torchvision's kernel at the
-   sizes Mask R-CNN meets, on the same inputs, with the largest difference of the outputs.
+   sizes Mask R-CNN meets (position-sensitive RoIAlign and RoIPool at FCIS's), on the same inputs,
+   with the largest difference of the outputs.
 
 >>> print(format_table(bench_rcnn(min_size=320, runs=1), RCNN_COLUMNS))
 >>> print(format_table(bench_ops(["nms", "roi_align_7x7"]), OP_COLUMNS))
@@ -48,6 +49,10 @@ OP_SIZES: dict[str, dict[str, int]] = {
     # RoIPool's own setting, a stride-16 map (Fast/Faster R-CNN); the plain version compares every
     # cell of the map with every bin, so on the 200 x 272 map it takes minutes, not seconds
     "roi_pool_7x7": {**_ROI, "height": 50, "width": 68, "stride": 16, "output": 7},
+    # FCIS (R-FCN's head): 300 RoIs on the stride-16 map of a ~600 x 1000 image, 2 * 7 * 7 * (80 + 1)
+    # position-sensitive score maps; about a second per call for the plain versions on one CPU thread
+    "ps_roi_align_7x7": {"boxes": 300, "channels": 7938, "height": 38, "width": 63, "stride": 16, "output": 7},
+    "ps_roi_pool_7x7": {"boxes": 300, "channels": 7938, "height": 38, "width": 63, "stride": 16, "output": 7},
     "multiscale_roi_align": {"boxes": 1000, "channels": 256, "height": 800, "width": 1088, "output": 7},
     "paste_masks_in_image": {"masks": 100, "mask_size": 28, "height": 480, "width": 640},
     "AnchorGenerator": {"height": 800, "width": 1088},
@@ -296,17 +301,19 @@ def _op_case(op: str, size: dict[str, int], generator: torch.Generator) -> tuple
         return (f"{n} boxes, {size['classes']} classes, IoU {threshold}",
                 lambda: ops.batched_nms(boxes, scores, classes, threshold),
                 lambda: tv_ops.batched_nms(boxes, scores, classes, threshold), True)
-    if op.startswith(("roi_align", "roi_pool")):
+    if op.startswith(("roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool")):
         n, channels, height, width, stride, output = (size[key] for key in
                                                       ("boxes", "channels", "height", "width", "stride", "output"))
         features = torch.randn(1, channels, height, width, generator=generator)
         boxes = [random_boxes(n, stride * height, stride * width, generator)]  # in the pixels of the image
         text = f"{n} boxes, 1x{channels}x{height}x{width} map (stride {stride}), {output}x{output}"
-        if op.startswith("roi_pool"):
-            return (text, lambda: ops.roi_pool(features, boxes, output, 1 / stride),
-                    lambda: tv_ops.roi_pool(features, boxes, output, 1 / stride), False)
-        return (f"{text}, sampling 2", lambda: ops.roi_align(features, boxes, output, 1 / stride, 2),
-                lambda: tv_ops.roi_align(features, boxes, output, 1 / stride, 2), False)
+        name = op.rsplit("_", 1)[0]  # "ps_roi_align_7x7" -> "ps_roi_align"
+        ours, theirs = getattr(ops, name), getattr(tv_ops, name)
+        if name.endswith("pool"):
+            return (text, lambda: ours(features, boxes, output, 1 / stride),
+                    lambda: theirs(features, boxes, output, 1 / stride), False)
+        return (f"{text}, sampling 2", lambda: ours(features, boxes, output, 1 / stride, 2),
+                lambda: theirs(features, boxes, output, 1 / stride, 2), False)
     if op == "multiscale_roi_align":
         n, channels, height, width, output = (size[key] for key in ("boxes", "channels", "height", "width", "output"))
         features = {str(level): torch.randn(1, channels, -(-height // stride), -(-width // stride), generator=generator)
@@ -362,7 +369,8 @@ def bench_ops(
     The plain versions teach; the models call torchvision's compiled kernels where those are much
     faster (RoIAlign, batched NMS), and this table says by how much. With the defaults it takes
     about a minute and a half (an estimate, measured once with one thread on a busy 2-core CPU),
-    nearly all of it in the plain RoIAlign and RoIPool.
+    nearly all of it in the plain RoIAlign and RoIPool, before the two position-sensitive rows were
+    added: they take about 17 s more (measured alone the same way).
 
     Returns:
         One dict per op: ``op``, ``input`` (a description of the sizes), ``minis_ms``,

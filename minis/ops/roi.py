@@ -128,9 +128,14 @@ def _sampling_grid(rois: torch.Tensor, output_size: tuple[int, int], spatial_sca
 
 
 def _roi_align_chunk(features: torch.Tensor, batch_index: torch.Tensor, grid: torch.Tensor,
-                     output_size: tuple[int, int]) -> torch.Tensor:
-    """:func:`roi_align` for the boxes of ``grid [K,6]`` (see :func:`_sampling_grid`): ``[K, C, h, w]``."""
-    _, channels, height, width = features.shape
+                     output_size: tuple[int, int], bin_channels: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`roi_align` for the boxes of ``grid [K,6]`` (see :func:`_sampling_grid`): ``[K, C, h, w]``.
+
+    ``bin_channels [C_out, h, w]``, if given, is the input channel each output channel reads in
+    each bin (position-sensitive pooling, :mod:`minis.ops.ps_roi`); by default output channel
+    ``c`` reads input channel ``c`` in every bin.
+    """
+    _, _, height, width = features.shape
     pooled_h, pooled_w = output_size
     x1, y1, bin_w, bin_h, grid_w, grid_h = grid.unbind(1)
     max_gh, max_gw = max(int(grid_h.max()), 1), max(int(grid_w.max()), 1)
@@ -141,7 +146,11 @@ def _roi_align_chunk(features: torch.Tensor, batch_index: torch.Tensor, grid: to
     x_low, x_high, wx_low, wx_high, inside_x = _bilinear_weights(xs, width)
 
     batch = batch_index[:, None, None, None]  # [K,1,1,1]
-    channel = torch.arange(channels, device=features.device)[None, :, None, None]  # [1,C,1,1]
+    if bin_channels is None:
+        channel = torch.arange(features.shape[1], device=features.device)[None, :, None, None]  # [1,C,1,1]
+    else:  # every sample of bin (i, j) reads that bin's channel
+        channel = bin_channels.repeat_interleave(max_gh, dim=1).repeat_interleave(max_gw, dim=2)[None]
+    channels = channel.shape[1]
 
     def corner(wy: torch.Tensor, wx: torch.Tensor, y_index: torch.Tensor, x_index: torch.Tensor) -> torch.Tensor:
         """One of the four bilinear terms, weight times value: ``[K, C, h*gh, w*gw]``."""
@@ -151,7 +160,9 @@ def _roi_align_chunk(features: torch.Tensor, batch_index: torch.Tensor, grid: to
     values = (corner(wy_low, wx_low, y_low, x_low) + corner(wy_low, wx_high, y_low, x_high)
               + corner(wy_high, wx_low, y_high, x_low) + corner(wy_high, wx_high, y_high, x_high))
     keep = (valid_y & inside_y)[:, :, None] & (valid_x & inside_x)[:, None, :]  # [K,h*gh,w*gw]
-    values = values * keep[:, None].to(values.dtype)
+    # where, not a product with the mask: a padding or outside sample may have read an inf, and
+    # 0 * inf is nan (torchvision's kernel never reads them)
+    values = torch.where(keep[:, None], values, values.new_zeros(()))
     sums = values.reshape(len(grid), channels, pooled_h, max_gh, pooled_w, max_gw).sum(dim=(3, 5))
     count = (grid_h * grid_w).clamp(min=1)[:, None, None, None]
     return sums / count
@@ -183,6 +194,24 @@ def roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor],
     return pooled.to(input.dtype)
 
 
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's ``round()``: halves away from zero (``torch.round`` rounds them to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _bin_edges(start: torch.Tensor, size: torch.Tensor, bins: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoIPool's bins along one axis: the first and one-past-last cell of each, ``[K, bins]`` int64.
+
+    Bin ``p`` of a box starting at cell ``start [K]`` and ``size [K]`` (float) cells long covers
+    ``floor(p * size / bins)`` to ``ceil((p + 1) * size / bins)`` from the start, clipped to ``[0, limit]``.
+    """
+    p = torch.arange(bins, device=size.device, dtype=size.dtype)[None]
+    bin_size = size[:, None] / bins
+    first = torch.floor(p * bin_size).long() + start[:, None]
+    last = torch.ceil((p + 1) * bin_size).long() + start[:, None]
+    return first.clamp(0, limit), last.clamp(0, limit)
+
+
 def roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], output_size: int | Sequence[int],
              spatial_scale: float = 1.0) -> torch.Tensor:
     """RoIPool (Girshick, Fast R-CNN, ICCV 2015): ``input [N,C,H,W]`` -> ``[K, C, h, w]``.
@@ -202,22 +231,11 @@ def roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], 
     _, channels, height, width = input.shape
     if len(rois) == 0 or 0 in (pooled_h, pooled_w):
         return input.new_zeros(len(rois), channels, pooled_h, pooled_w)
-    # C's round(): halves away from zero (torch.round would round them to even)
-    scaled = rois[:, 1:] * spatial_scale
-    start_x, start_y, end_x, end_y = (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)).long().unbind(1)
+    start_x, start_y, end_x, end_y = _round_half_away(rois[:, 1:] * spatial_scale).long().unbind(1)
     roi_w = (end_x - start_x + 1).clamp(min=1).to(compute_dtype)
     roi_h = (end_y - start_y + 1).clamp(min=1).to(compute_dtype)
-
-    def bin_edges(start: torch.Tensor, size: torch.Tensor, bins: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """First and one-past-last cell of every bin, ``[K, bins]`` each, clipped to ``[0, limit]``."""
-        p = torch.arange(bins, device=input.device, dtype=compute_dtype)[None]
-        bin_size = size[:, None] / bins
-        first = torch.floor(p * bin_size).long() + start[:, None]
-        last = torch.ceil((p + 1) * bin_size).long() + start[:, None]
-        return first.clamp(0, limit), last.clamp(0, limit)
-
-    y_first, y_last = bin_edges(start_y, roi_h, pooled_h, height)  # [K, h]
-    x_first, x_last = bin_edges(start_x, roi_w, pooled_w, width)  # [K, w]
+    y_first, y_last = _bin_edges(start_y, roi_h, pooled_h, height)  # [K, h]
+    x_first, x_last = _bin_edges(start_x, roi_w, pooled_w, width)  # [K, w]
     # Every cell's membership in every bin: [K, h, H] and [K, w, W]; the bins overlap by design.
     rows = torch.arange(height, device=input.device)
     cols = torch.arange(width, device=input.device)
