@@ -401,3 +401,52 @@ def test_ps_ops_give_no_gradient_to_the_boxes() -> None:
             rois = ps_rois(2, 5, seed=23, dtype=torch.float32).requires_grad_()
             getattr(module, name)(features, rois, 2, 0.5).sum().backward()
             assert rois.grad is None, (module.__name__, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Channel groups larger than one bin (MXNet's group_size; FCIS's 21 x 21 assembly from 7 x 7 parts)
+# --------------------------------------------------------------------------------------------
+
+
+def one_channel_per_bin(features: torch.Tensor, output_size: tuple[int, int], group_size: tuple[int, int]
+                        ) -> torch.Tensor:
+    """The maps rewritten for torchvision's layout, written out bin by bin: output channel ``c`` in
+    bin ``(i, j)`` gets its own input channel, a copy of the one of its group,
+    ``c*gh*gw + floor(i*gh/h)*gw + floor(j*gw/w)``."""
+    (h, w), (gh, gw) = output_size, group_size
+    copies = []
+    for c in range(features.shape[1] // (gh * gw)):
+        for i in range(h):
+            for j in range(w):
+                copies.append(features[:, c * gh * gw + (i * gh // h) * gw + j * gw // w])
+    return torch.stack(copies, dim=1)
+
+
+@pytest.mark.parametrize("output_size, group_size", [((21, 21), (7, 7)), ((6, 6), (3, 3)), ((5, 5), (3, 3)),
+                                                     ((4, 6), (2, 3)), ((3, 3), (1, 1))])
+@pytest.mark.parametrize("name", ["ps_roi_align", "ps_roi_pool"])
+def test_grouped_ps_ops_equal_torchvision_on_maps_with_one_channel_per_bin(name: str, output_size, group_size) -> None:
+    groups = group_size[0] * group_size[1]
+    features = torch.randn(2, 3 * groups, 12, 14, generator=torch.Generator().manual_seed(30), dtype=torch.float64)
+    rois = ps_rois(2, 12, seed=31, scale=0.5)
+    ours = getattr(ops, name)(features, rois, output_size, 0.5, group_size=group_size)
+    theirs = getattr(tv_ops, name)(one_channel_per_bin(features, output_size, group_size), rois, output_size, 0.5)
+    assert_close_to(ours, theirs, 1e-12)
+
+
+@pytest.mark.parametrize("name", ["ps_roi_align", "ps_roi_pool"])
+def test_groups_as_many_as_the_bins_are_torchvision_s_layout(name: str) -> None:
+    features, rois = ps_features((3, 5), seed=32), ps_rois(3, 10, seed=33)
+    default = getattr(ops, name)(features, rois, (3, 5))
+    assert torch.equal(getattr(ops, name)(features, rois, (3, 5), group_size=(3, 5)), default)
+    assert_close_to(default, getattr(tv_ops, name)(features, rois, (3, 5)), 1e-12)
+
+
+@pytest.mark.parametrize("name", ["ps_roi_align", "ps_roi_pool"])
+def test_grouped_ps_ops_reject_channel_counts_that_are_not_a_multiple_of_the_groups(name: str) -> None:
+    features, rois = torch.randn(1, 18, 8, 8), torch.tensor([[0, 1.0, 1, 6, 6]])
+    assert getattr(ops, name)(features, rois, 21, group_size=3).shape == (1, 2, 21, 21)
+    with pytest.raises(ValueError, match=r"2 x 2 groups needs a multiple of 2 \* 2 = 4 input channels .*got 18"):
+        getattr(ops, name)(features, rois, 6, group_size=2)
+    with pytest.raises(ValueError, match="at least 1 x 1 groups, got 0 x 3"):
+        getattr(ops, name)(features, rois, 6, group_size=(0, 3))

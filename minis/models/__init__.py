@@ -96,5 +96,6 @@ from minis.models import fcn  # noqa: E402,F401
 from minis.models import unet  # noqa: E402,F401
 from minis.models import rcnn  # noqa: E402,F401
 from minis.models import ms_rcnn  # noqa: E402,F401
+from minis.models import fcis  # noqa: E402,F401
 from minis.models import fcos  # noqa: E402,F401
 from minis.models import condinst  # noqa: E402,F401

@@ -40,6 +40,9 @@ count the end pixel in (``round(x2) + 1``), keep at least 0.1 of a cell, add the
 start before rounding the bin borders, and clip to ``[0, H]`` (the last row included). MXNet's also
 takes a ``group_size``, the number of channel groups per side, which may be smaller than the pooled
 size (bin ``p`` then reads group ``floor(p * group / pooled)``); torchvision ties both together.
+Both operators here take it too, as a keyword (``group_size=k``): FCIS assembles its ``21 x 21``
+masks from ``7 x 7`` groups of maps, each group read by a ``3 x 3`` block of bins. Without it (or
+with ``group_size == output_size``) the numbers are torchvision's.
 
 Two departures from torchvision, both where its kernels are wrong:
 
@@ -70,25 +73,36 @@ from minis.ops.roi import (_CHUNK_ELEMENTS, _as_rois, _batch_indices, _bin_edges
 Edges = tuple[torch.Tensor, torch.Tensor]  # the first and one-past-last cell of every bin along an axis
 
 
-def _bin_channels(channels: int, output_size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """The input channel each output channel reads in each bin: ``[C, h, w]`` for ``C*h*w`` channels.
+def _bin_channels(channels: int, output_size: tuple[int, int], device: torch.device,
+                  group_size: int | Sequence[int] | None = None) -> torch.Tensor:
+    """The input channel each output channel reads in each bin: ``[C, h, w]`` for ``C*gh*gw`` channels.
 
-    Channel ``c*h*w + i*w + j`` feeds output ``c`` in bin ``(i, j)``, so the layout is simply
-    ``arange(C*h*w)`` read as ``[C, h, w]``.
+    With ``gh x gw`` groups (``group_size``, by default the output size), bin ``(i, j)`` of output
+    channel ``c`` reads channel ``c*gh*gw + floor(i*gh/h)*gw + floor(j*gw/w)``: the group of the
+    part of the box the bin lies in. When the groups are the bins, that is ``c*h*w + i*w + j``, and
+    the layout is simply ``arange(C*h*w)`` read as ``[C, h, w]``.
     """
     pooled_h, pooled_w = output_size
-    bins = pooled_h * pooled_w
-    if bins <= 0:  # torchvision's kernels divide by zero here
+    group_h, group_w = output_size if group_size is None else _pair(group_size)
+    if pooled_h * pooled_w <= 0:  # torchvision's kernels divide by zero here
         raise ValueError(f"position-sensitive pooling needs an output size of at least 1 x 1, got "
                          f"{pooled_h} x {pooled_w}")
-    if channels % bins:
-        raise ValueError(f"position-sensitive pooling to {pooled_h} x {pooled_w} bins needs a multiple of "
-                         f"{pooled_h} * {pooled_w} = {bins} input channels (one group per bin), got {channels}")
-    return torch.arange(channels, device=device).reshape(channels // bins, pooled_h, pooled_w)
+    if group_h <= 0 or group_w <= 0:
+        raise ValueError(f"position-sensitive pooling needs at least 1 x 1 groups, got {group_h} x {group_w}")
+    groups = group_h * group_w
+    if channels % groups:
+        what = f"to {pooled_h} x {pooled_w} bins" if group_size is None else f"with {group_h} x {group_w} groups"
+        raise ValueError(f"position-sensitive pooling {what} needs a multiple of {group_h} * {group_w} = {groups} "
+                         f"input channels (one group per {'bin' if group_size is None else 'part'}), got {channels}")
+    row_group = torch.arange(pooled_h, device=device) * group_h // pooled_h  # floor(i * gh / h)
+    col_group = torch.arange(pooled_w, device=device) * group_w // pooled_w
+    first = torch.arange(channels // groups, device=device) * groups  # each output channel's first group
+    return first[:, None, None] + row_group[None, :, None] * group_w + col_group[None, None, :]
 
 
 def ps_roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], output_size: int | Sequence[int],
-                 spatial_scale: float = 1.0, sampling_ratio: int = -1) -> torch.Tensor:
+                 spatial_scale: float = 1.0, sampling_ratio: int = -1, *,
+                 group_size: int | Sequence[int] | None = None) -> torch.Tensor:
     """Position-sensitive RoIAlign: ``input [N, C*h*w, H, W]`` -> ``[K, C, h, w]``.
 
     Bin ``(i, j)`` of output channel ``c`` is RoIAlign's average of bilinear samples (with the
@@ -96,9 +110,13 @@ def ps_roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tenso
     ``sampling_ratio > 0`` samples that many points per bin side; ``<= 0`` picks ``ceil(bin size)``
     per box. Same signature and numbers as ``torchvision.ops.ps_roi_align`` (but 0, not nan, for
     a zero-width box with an adaptive grid; see the module's notes).
+
+    ``group_size = (gh, gw)`` (MXNet's ``PSROIPooling`` option, FCIS's assembly) splits the box into
+    ``gh x gw`` parts with one channel each: ``input [N, C*gh*gw, H, W]``, and bin ``(i, j)`` reads
+    channel ``c*gh*gw + floor(i*gh/h)*gw + floor(j*gw/w)``. ``None`` means the output size.
     """
     output_size = _pair(output_size)
-    bin_channels = _bin_channels(input.shape[1], output_size, input.device)
+    bin_channels = _bin_channels(input.shape[1], output_size, input.device, group_size)
     rois = _as_rois(boxes, _float_compute_dtype(input.dtype), input.device)
     batch_index = _batch_indices(rois, len(input))
     if not torch.isfinite(rois).all():  # torchvision's kernel crashes on these
@@ -107,8 +125,9 @@ def ps_roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tenso
         return input.new_zeros(0, len(bin_channels), *output_size)
     # torchvision's kernel shifts by half a cell and keeps tiny boxes tiny: exactly aligned=True
     grid = _sampling_grid(rois, output_size, spatial_scale, sampling_ratio, aligned=True)
-    # each output value gathers its own samples: [K, C, h*gh, w*gw] per corner, C*h*w = the input's channels
-    samples_per_box = input.shape[1] * max(int(grid[:, 4].max()), 1) * max(int(grid[:, 5].max()), 1)
+    # each output value gathers its own samples: [K, C, h*gh, w*gw] per corner (C*h*w values per box: the
+    # input's channels, or more with groups larger than one bin)
+    samples_per_box = bin_channels.numel() * max(int(grid[:, 4].max()), 1) * max(int(grid[:, 5].max()), 1)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, samples_per_box))
     pooled = torch.cat([_roi_align_chunk(input, index, part, output_size, bin_channels)
                         for index, part in zip(batch_index.split(chunk), grid.split(chunk))])
@@ -145,7 +164,7 @@ def _ps_roi_pool_chunk(features: torch.Tensor, batch_index: torch.Tensor, bin_ch
 
 
 def ps_roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], output_size: int | Sequence[int],
-                spatial_scale: float = 1.0) -> torch.Tensor:
+                spatial_scale: float = 1.0, *, group_size: int | Sequence[int] | None = None) -> torch.Tensor:
     """Position-sensitive RoIPool (R-FCN): ``input [N, C*h*w, H, W]`` -> ``[K, C, h, w]``.
 
     Bin ``(i, j)`` of output channel ``c`` is the mean of input channel ``c*h*w + i*w + j`` over
@@ -154,16 +173,16 @@ def ps_roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor
     are pooled (see the module's notes). Same signature and numbers as ``torchvision.ops.ps_roi_pool``
     and, except for bins that reach the map's last row or column, where torchvision's is wrong, the
     same gradient: each cell of a bin gets ``1 / area`` of the bin's. float16 and bfloat16 features
-    are summed in float32.
+    are summed in float32. ``group_size`` as in :func:`ps_roi_align`.
     """
     output_size = _pair(output_size)
-    bin_channels = _bin_channels(input.shape[1], output_size, input.device)
+    bin_channels = _bin_channels(input.shape[1], output_size, input.device, group_size)
     compute_dtype = _float_compute_dtype(input.dtype)
     rois = _as_rois(boxes, compute_dtype, input.device)
     batch_index = _batch_indices(rois, len(input))
     if len(rois) == 0:
         return input.new_zeros(0, len(bin_channels), *output_size)
-    _, channels, height, width = input.shape
+    _, _, height, width = input.shape
     start_x, start_y, end_x, end_y = _round_half_away(rois[:, 1:] * spatial_scale).long().unbind(1)
     # unlike RoIPool, the rounded end is not counted in, and the bins stop one cell short of the map's end
     roi_w = (end_x - start_x).clamp(min=1).to(compute_dtype)
@@ -173,7 +192,7 @@ def ps_roi_pool(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor
 
     # every bin is padded to the longest bin of all boxes: bound the memory of the gathered cells by that
     longest = max(int((rows[1] - rows[0]).max()), 1) * max(int((cols[1] - cols[0]).max()), 1)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, channels * longest))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, bin_channels.numel() * longest))
     features = input.to(compute_dtype)
     pooled = [_ps_roi_pool_chunk(features, batch_index[part], bin_channels,
                                  (rows[0][part], rows[1][part]), (cols[0][part], cols[1][part]))
