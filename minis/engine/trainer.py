@@ -285,6 +285,8 @@ class Trainer:
             self._save_after_interrupt()
             raise
         if self._window_count:  # the last steps, fewer than log_every: a short run still has its record
+            # (after the last checkpoint: a run resumed from it drops this record and logs those
+            # steps with the following ones, as an uninterrupted run would)
             self._log_train(self.config.epochs - 1)
         self._plot_curves()
         return self.history
