@@ -14,6 +14,7 @@
     python -m minis bench ms-rcnn --seeds 0 1 2                 # Mask R-CNN against Mask Scoring R-CNN, same recipe
     python -m minis bench fcos-training                         # minis and torchvision FCOS trained alike
     python -m minis bench condinst                              # CondInst vs FCOS vs Mask R-CNN; cost per instance
+    python -m minis bench fcis                                  # FCIS vs Mask R-CNN; cost per detection
     python -m minis bench gpu                                   # every model trained and run on CUDA, checked
 
 ``train`` also runs under ``torchrun --nproc_per_node N -m minis train ...`` (one process per

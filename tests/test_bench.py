@@ -326,11 +326,43 @@ def test_condinst_bench_times_three_models_and_the_growth_with_instances(capsys,
     assert main(["bench", "condinst", "--instances", "0"]) == 2
 
 
+def test_fcis_bench_times_fcis_against_mask_rcnn_on_one_body(capsys, tmp_path, one_thread):
+    out = tmp_path / "fcis.json"
+    argv = ["bench", "fcis", "--image-size", "96", "128", "--min-size", "64", "--max-size", "96", "--runs", "1",
+            "--instances", "1", "3", "--detections", "3", "--json", str(out)]
+    assert main(argv) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["model", "step", "input", "params", "ms", "vs_mask_rcnn"] in lines
+    written = json.loads(out.read_text())
+    assert [(row["model"], row["step"]) for row in written["models"]] == [
+        (model, step) for step in ("inference", "train step") for model in ("fcis", "mask_rcnn")]
+    for row in written["models"]:
+        reference = next(r["ms"] for r in written["models"] if r["model"] == "mask_rcnn" and r["step"] == row["step"])
+        assert row["ms"] > 0 and row["vs_mask_rcnn"] == pytest.approx(row["ms"] / reference)
+    assert [row["instances"] for row in written["instances"]] == [1, 3]
+    assert written["instances"][0]["fcis_vs_1"] == 1.0 and written["instances"][0]["mask_rcnn_vs_1"] == 1.0
+    assert main(["bench", "fcis", "--runs", "0"]) == 2
+
+
+def test_instance_cost_models_share_one_body():
+    from minis.bench.condinst import _one_stage_and_two_stage
+    from minis.bench.fcis import _fcis_and_mask_rcnn
+
+    fcis_models = _fcis_and_mask_rcnn(4, 0, 64, 96, mask_voting=True)
+    for name, parameter in fcis_models["mask_rcnn"].backbone.body.state_dict().items():
+        assert torch.equal(fcis_models["fcis"].backbone.state_dict()[name], parameter), name
+    assert fcis_models["fcis"].backbone.output_stride == 16  # dilated last stage, the same weights
+    condinst_models = _one_stage_and_two_stage(4, 0, 64, 96)
+    body = condinst_models["mask_rcnn"].backbone.body.state_dict()
+    for model in condinst_models.values():
+        assert all(torch.equal(model.backbone.body.state_dict()[name], value) for name, value in body.items())
+
+
 # --------------------------------------------------------------------------------------------
 # The package: one module per suite, recipes beside the models
 # --------------------------------------------------------------------------------------------
 
-SUITE_COMMANDS = ["semantic", "rcnn", "rcnn-training", "fcos-training", "ms-rcnn", "condinst", "gpu", "stability"]
+SUITE_COMMANDS = ["semantic", "rcnn", "rcnn-training", "fcos-training", "ms-rcnn", "condinst", "fcis", "gpu", "stability"]
 
 
 @pytest.mark.parametrize("suite", SUITE_COMMANDS)

@@ -12,6 +12,7 @@ suite (module)          what it measures
 ``ms-rcnn``             Mask R-CNN and Mask Scoring R-CNN trained alike, per seed
                         (:mod:`minis.bench.mask_scoring`)
 ``condinst``            CondInst against FCOS and Mask R-CNN, and as the instances grow
+``fcis``                FCIS against Mask R-CNN on the same body, and as the detections grow
 ``gpu``                 every model trained a few mixed-precision steps and run on CUDA, its
                         outputs checked; Mask R-CNN and FCOS against torchvision there
 ``stability``           each chapter's headline model re-trained by the chapter's recipe over
@@ -37,6 +38,7 @@ import importlib
 from minis.bench.common import (count_parameters, finish, format_table, inference_ms, interleaved_median_ms,
                                 machine_note, random_boxes, random_targets, synchronized)
 from minis.bench.condinst import CONDINST_COLUMNS, INSTANCE_COLUMNS, bench_condinst
+from minis.bench.fcis import FCIS_COLUMNS, FCIS_INSTANCE_COLUMNS, bench_fcis
 from minis.bench.gpu import GPU_COLUMNS, bench_gpu
 from minis.bench.mask_scoring import MASK_SCORING_COLUMNS, bench_mask_scoring, mask_scoring_means
 from minis.bench.rcnn import (FCOS_LOSS_NAMES, OP_COLUMNS, OP_SIZES, RCNN_COLUMNS, RCNN_MODELS, bench_ops, bench_rcnn,
@@ -48,7 +50,7 @@ from minis.bench.twin_training import RCNN_TRAINING_COLUMNS, bench_rcnn_training
 from minis.data.shapes import SEMANTIC_SHAPES
 
 # The suite modules, in the order ``python -m minis bench --help`` lists their commands.
-SUITES = ("semantic", "rcnn", "twin_training", "mask_scoring", "condinst", "gpu", "stability")
+SUITES = ("semantic", "rcnn", "twin_training", "mask_scoring", "condinst", "fcis", "gpu", "stability")
 
 
 def add_parsers(bench: argparse.ArgumentParser) -> None:
@@ -69,7 +71,7 @@ __all__ = [
     "bench_ops",
     "RCNN_TRAINING_COLUMNS", "bench_twin_training", "bench_rcnn_training",
     "MASK_SCORING_COLUMNS", "bench_mask_scoring", "mask_scoring_means",
-    "CONDINST_COLUMNS", "INSTANCE_COLUMNS", "bench_condinst",
+    "CONDINST_COLUMNS", "INSTANCE_COLUMNS", "bench_condinst", "FCIS_COLUMNS", "FCIS_INSTANCE_COLUMNS", "bench_fcis",
     "GPU_COLUMNS", "bench_gpu",
     "HEADLINES", "RUN_COLUMNS", "SUMMARY_COLUMNS", "bench_stability", "stability_summary",
 ]

@@ -9,12 +9,13 @@ the instances grow.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from minis.bench.common import add_json_option, finish, format_table, interleaved_median_ms, random_targets, shape_text
+from minis.bench.common import add_json_option, finish, format_table
+from minis.bench.instance_cost import instance_cost, share_body
 from minis.cli import UserError
 
 CONDINST_COLUMNS = [("model", ""), ("step", ""), ("input", ""), ("ms", ".0f"), ("vs_fcos", ".2f"),
@@ -36,17 +37,8 @@ def _one_stage_and_two_stage(num_classes: int, seed: int, min_size: int, max_siz
     models = {"fcos": minis.models.build("fcos", num_classes, **sizes, score_thresh=0.0),
               "condinst": minis.models.build("condinst", num_classes, **sizes, score_thresh=0.0),
               "mask_rcnn": minis.models.build("mask_rcnn", num_classes, **sizes, box_score_thresh=0.0)}
-    body = models["mask_rcnn"].backbone.body.state_dict()
-    for model in models.values():
-        model.backbone.body.load_state_dict(body)
+    share_body(models, dict.fromkeys(models, lambda model: model.backbone.body), "mask_rcnn")
     return models
-
-
-def _set_detections(model: nn.Module, count: int) -> None:
-    if hasattr(model.config, "box_detections_per_img"):
-        model.config.box_detections_per_img = count
-    else:
-        model.config.detections_per_img = count
 
 
 def bench_condinst(
@@ -64,7 +56,7 @@ def bench_condinst(
     """CondInst's CPU cost against FCOS alone and against Mask R-CNN, and as the instances grow, in one run.
 
     The three minis models share a ResNet-50 body with the same random weights and resize a
-    random ``image_size`` image to ``min_size``. Two tables:
+    random ``image_size`` image to ``min_size``. Two tables (:func:`minis.bench.instance_cost.instance_cost`):
 
     - ``models``: inference with ``detections`` instances per image (every score threshold 0,
       so the count is exact), and a training step (forward and backward) on two images with four
@@ -79,59 +71,9 @@ def bench_condinst(
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
     models = _one_stage_and_two_stage(num_classes, seed, min_size, max_size)
-    image_size = (int(image_size[0]), int(image_size[1]))
-    image = [torch.rand(3, *image_size, generator=torch.Generator().manual_seed(seed))]
-    resized = models["fcos"].transform(image)[0].image_sizes[0]
-
-    def infer(model: nn.Module, count: int) -> Callable[[], Any]:
-        def call() -> Any:
-            _set_detections(model, count)
-            with torch.no_grad():
-                return model(image)
-        return call
-
-    if progress:
-        print(f"timing inference with {detections} detections at min_size {min_size}", flush=True)
-    names = list(models)
-    for model in models.values():
-        model.eval()
-    inference = dict(zip(names, interleaved_median_ms([infer(models[n], detections) for n in names], runs)))
-    generator = torch.Generator().manual_seed(seed + 1)
-    images = [torch.rand(3, *image_size, generator=generator) for _ in range(2)]
-    targets = random_targets(2, image_size, num_classes, 4, generator, with_masks=True)
-
-    def train_step(model: nn.Module) -> Callable[[], Any]:
-        def call() -> Any:
-            model.zero_grad(set_to_none=True)
-            losses = model(images, [dict(target) for target in targets])
-            sum(losses.values()).backward()
-        return call
-
-    if progress:
-        print("timing a training step", flush=True)
-    for model in models.values():
-        model.train()
-    training = dict(zip(names, interleaved_median_ms([train_step(models[n]) for n in names], runs)))
-    rows = []
-    for step, times, batch in (("inference", inference, 1), ("train step", training, 2)):
-        for name in names:
-            rows.append({"model": name, "step": step, "input": shape_text(batch, image_size, resized),
-                         "ms": times[name], "vs_fcos": times[name] / times["fcos"],
-                         "vs_mask_rcnn": times[name] / times["mask_rcnn"]})
-
-    if progress:
-        print(f"timing inference with {', '.join(map(str, instances))} detections", flush=True)
-    for model in models.values():
-        model.eval()
-    counts = sorted(instances)
-    calls = [infer(models[name], count) for count in counts for name in ("condinst", "mask_rcnn")]
-    times = interleaved_median_ms(calls, runs)
-    scaling = []
-    for index, count in enumerate(counts):
-        condinst_ms, mask_rcnn_ms = times[2 * index], times[2 * index + 1]
-        scaling.append({"instances": count, "condinst_ms": condinst_ms, "condinst_vs_1": condinst_ms / times[0],
-                        "mask_rcnn_ms": mask_rcnn_ms, "mask_rcnn_vs_1": mask_rcnn_ms / times[1]})
-    return {"models": rows, "instances": scaling}
+    return instance_cost(models, references=("fcos", "mask_rcnn"), scaled=("condinst", "mask_rcnn"),
+                         image_size=image_size, detections=detections, instances=instances, runs=runs,
+                         num_classes=num_classes, seed=seed, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
