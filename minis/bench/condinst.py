@@ -14,9 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from minis.bench.common import add_json_option, finish, format_table
-from minis.bench.instance_cost import instance_cost, share_body
-from minis.cli import UserError
+from minis.bench.common import finish, format_table
+from minis.bench.instance_cost import add_cost_options, cost_arguments, instance_cost, share_body
 
 CONDINST_COLUMNS = [("model", ""), ("step", ""), ("input", ""), ("ms", ".0f"), ("vs_fcos", ".2f"),
                     ("vs_mask_rcnn", ".2f")]
@@ -68,8 +67,6 @@ def bench_condinst(
 
     The calls alternate (:func:`interleaved_median_ms`); medians of ``runs`` rounds.
     """
-    if runs < 1:
-        raise ValueError(f"runs must be at least 1, got {runs}")
     models = _one_stage_and_two_stage(num_classes, seed, min_size, max_size)
     return instance_cost(models, references=("fcos", "mask_rcnn"), scaled=("condinst", "mask_rcnn"),
                          image_size=image_size, detections=detections, instances=instances, runs=runs,
@@ -84,24 +81,12 @@ def bench_condinst(
 def add_parser(suites: argparse._SubParsersAction) -> None:
     """``bench condinst`` and its options."""
     parser = suites.add_parser("condinst", help="CondInst against FCOS and Mask R-CNN on the CPU; cost per instance")
-    parser.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
-    parser.add_argument("--min-size", type=int, default=512, help="short side the models resize to (default 512)")
-    parser.add_argument("--max-size", type=int, default=853)
-    parser.add_argument("--instances", type=int, nargs="+", default=[1, 10, 25, 50],
-                        help="detection counts to time inference with (default 1 10 25 50)")
-    parser.add_argument("--detections", type=int, default=50, help="detections in the model table (default 50)")
-    parser.add_argument("--runs", type=int, default=3, help="timed rounds (median; default 3)")
-    add_json_option(parser)
+    add_cost_options(parser, min_size=512, max_size=853)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.runs < 1:
-        raise UserError(f"--runs must be at least 1, got {args.runs}")
-    if min(args.instances) < 1:
-        raise UserError(f"--instances must be at least 1, got {min(args.instances)}")
-    rows = bench_condinst(image_size=tuple(args.image_size), min_size=args.min_size, max_size=args.max_size,
-                          instances=args.instances, detections=args.detections, runs=args.runs)
+    rows = bench_condinst(**cost_arguments(args))
     print("\nminis CondInst, FCOS and Mask R-CNN (ResNet-50-FPN, same backbone weights) on the CPU:")
     print(format_table(rows["models"], CONDINST_COLUMNS))
     print("\ninference time as the number of detections grows (each divided by its time with the fewest):")

@@ -18,9 +18,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from minis.bench.common import add_json_option, finish, format_table
-from minis.bench.instance_cost import instance_cost, share_body
-from minis.cli import UserError
+from minis.bench.common import finish, format_table
+from minis.bench.instance_cost import add_cost_options, cost_arguments, instance_cost, share_body
 
 FCIS_COLUMNS = [("model", ""), ("step", ""), ("input", ""), ("params", ",d"), ("ms", ".0f"), ("vs_mask_rcnn", ".2f")]
 FCIS_INSTANCE_COLUMNS = [("instances", "d"), ("fcis_ms", ".0f"), ("fcis_vs_1", ".2f"), ("mask_rcnn_ms", ".0f"),
@@ -65,8 +64,6 @@ def bench_fcis(
       time with the fewest. FCIS's per-RoI work is pooling (and, with ``mask_voting``, one
       weighted average per kept box over its neighbours' masks); Mask R-CNN's is its mask head.
     """
-    if runs < 1:
-        raise ValueError(f"runs must be at least 1, got {runs}")
     models = _fcis_and_mask_rcnn(num_classes, seed, min_size, max_size, mask_voting)
     return instance_cost(models, references=("mask_rcnn",), scaled=("fcis", "mask_rcnn"), image_size=image_size,
                          detections=detections, instances=instances, runs=runs, num_classes=num_classes, seed=seed,
@@ -81,26 +78,13 @@ def bench_fcis(
 def add_parser(suites: argparse._SubParsersAction) -> None:
     """``bench fcis`` and its options."""
     parser = suites.add_parser("fcis", help="FCIS against Mask R-CNN on the CPU; cost per detection")
-    parser.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
-    parser.add_argument("--min-size", type=int, default=600, help="short side the models resize to (default 600)")
-    parser.add_argument("--max-size", type=int, default=1000)
-    parser.add_argument("--instances", type=int, nargs="+", default=[1, 10, 25, 50],
-                        help="detection counts to time inference with (default 1 10 25 50)")
-    parser.add_argument("--detections", type=int, default=50, help="detections in the model table (default 50)")
+    add_cost_options(parser, min_size=600, max_size=1000)
     parser.add_argument("--no-voting", action="store_true", help="FCIS without mask voting")
-    parser.add_argument("--runs", type=int, default=3, help="timed rounds (median; default 3)")
-    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.runs < 1:
-        raise UserError(f"--runs must be at least 1, got {args.runs}")
-    if min(args.instances) < 1:
-        raise UserError(f"--instances must be at least 1, got {min(args.instances)}")
-    rows = bench_fcis(image_size=tuple(args.image_size), min_size=args.min_size, max_size=args.max_size,
-                      instances=args.instances, detections=args.detections, runs=args.runs,
-                      mask_voting=not args.no_voting)
+    rows = bench_fcis(**cost_arguments(args), mask_voting=not args.no_voting)
     voting = "without" if args.no_voting else "with"
     print(f"\nminis FCIS ({voting} mask voting) and Mask R-CNN (same ResNet-50 body weights) on the CPU:")
     print(format_table(rows["models"], FCIS_COLUMNS))

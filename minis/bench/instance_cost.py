@@ -9,12 +9,13 @@ step (forward and backward).
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from minis.bench.common import count_parameters, interleaved_median_ms, random_targets, shape_text
+from minis.bench.common import add_json_option, count_parameters, interleaved_median_ms, random_targets, shape_text
 
 
 def set_detections(model: nn.Module, count: int) -> None:
@@ -115,3 +116,29 @@ def instance_cost(
             row[f"{name}_vs_1"] = milliseconds / times[offset]
         scaling.append(row)
     return {"models": rows, "instances": scaling}
+
+
+def add_cost_options(parser: argparse.ArgumentParser, min_size: int, max_size: int) -> None:
+    """The options every cost suite takes (image size, resize, detection counts, rounds, JSON)."""
+    parser.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
+    parser.add_argument("--min-size", type=int, default=min_size,
+                        help=f"short side the models resize to (default {min_size})")
+    parser.add_argument("--max-size", type=int, default=max_size)
+    parser.add_argument("--instances", type=int, nargs="+", default=[1, 10, 25, 50],
+                        help="detection counts to time inference with (default 1 10 25 50)")
+    parser.add_argument("--detections", type=int, default=50, help="detections in the model table (default 50)")
+    parser.add_argument("--runs", type=int, default=3, help="timed rounds (median; default 3)")
+    add_json_option(parser)
+
+
+def cost_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of a cost suite's function from :func:`add_cost_options`' options,
+    checked first (a bad count is the user's error, said in one line)."""
+    from minis.cli import UserError
+
+    if args.runs < 1:
+        raise UserError(f"--runs must be at least 1, got {args.runs}")
+    if min(args.instances) < 1:
+        raise UserError(f"--instances must be at least 1, got {min(args.instances)}")
+    return {"image_size": tuple(args.image_size), "min_size": args.min_size, "max_size": args.max_size,
+            "instances": args.instances, "detections": args.detections, "runs": args.runs}
