@@ -350,7 +350,7 @@ def _validation_samples(checkpoint: dict, args: argparse.Namespace, task: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minis", description="Image segmentation from FCN to CondInst.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{data,train,eval,predict,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{data,train,eval,predict,bench,pretrain}")
 
     data = commands.add_parser("data", help="generate, download or convert datasets")
     sources = data.add_subparsers(dest="source", required=True, metavar="{shapes,coco,labelme2coco}")
@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     from minis.bench import add_parsers as add_bench_suites  # each suite module wires its own sub-command
 
     add_bench_suites(bench)
+    from minis.pretrain import add_parser as add_pretrain
+
+    add_pretrain(commands)
     return parser
 
 

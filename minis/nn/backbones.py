@@ -15,6 +15,7 @@ layers stop striding and the convolutions after them are dilated (see :class:`VG
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -355,7 +356,18 @@ def vgg16(output_stride: int = 32, frozen_bn: bool = False, pretrained: bool = F
 
 
 SMALL_WIDTH = 16  # the "small" backbone: ResNet-18's layout at a quarter of its width (~0.7 M parameters)
+# Its pretrained weights, which minis ships: see minis/pretrain.py for how they were made.
+SMALL_PRETRAINED_PATH = Path(__file__).resolve().parent.parent / "weights" / "small_shapes.pt"
 BACKBONES = ("small", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16")
+
+
+def small_pretrained_state_dict() -> dict[str, torch.Tensor]:
+    """The small backbone's shipped weights (``minis/weights/small_shapes.pt``), made by
+    ``python -m minis pretrain``; the file also records how (``torch.load(path)["meta"]``)."""
+    if not SMALL_PRETRAINED_PATH.is_file():
+        raise FileNotFoundError(f"{SMALL_PRETRAINED_PATH} is missing (minis ships it); "
+                                "`python -m minis pretrain` makes it again")
+    return torch.load(SMALL_PRETRAINED_PATH, map_location="cpu", weights_only=True)["backbone"]
 
 
 def build_backbone(name: str, output_stride: int = 32, frozen_bn: bool = False, pretrained: bool = False) -> nn.Module:
@@ -363,13 +375,17 @@ def build_backbone(name: str, output_stride: int = 32, frozen_bn: bool = False, 
 
     Every backbone has a ``channels`` dict (feature name -> channel count) and an
     ``output_stride`` attribute. ``"small"`` is a narrow ResNet-18 that trains from scratch on a
-    laptop CPU in minutes (the book's default); the ResNets and VGG-16 are the papers' backbones,
-    with ImageNet weights from torchvision when ``pretrained=True`` (downloaded on request).
+    laptop CPU in minutes (the book's default); with ``pretrained=True`` it loads the weights minis
+    ships, pretrained on other images of the shapes world (:mod:`minis.pretrain`). The ResNets and
+    VGG-16 are the papers' backbones, with ImageNet weights from torchvision when
+    ``pretrained=True`` (downloaded on request). Dilation adds no parameter, so one set of
+    weights loads at every output stride.
     """
     if name == "small":
+        model = ResNet(18, output_stride, frozen_bn, width=SMALL_WIDTH)
         if pretrained:
-            raise ValueError("the 'small' backbone has no pretrained weights; it is trained from scratch")
-        return ResNet(18, output_stride, frozen_bn, width=SMALL_WIDTH)
+            model.load_state_dict(small_pretrained_state_dict(), strict=True)
+        return model
     if name.startswith("resnet") and name[len("resnet"):].isdigit():
         return resnet(int(name[len("resnet"):]), output_stride, frozen_bn, pretrained)
     if name == "vgg16":
