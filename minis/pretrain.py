@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +58,8 @@ def pretrain_small_backbone(root: str = "data/shapes_pretrain", *, epochs: int |
     from torchvision.transforms import v2
 
     import minis.models
+    from minis.bench.common import train_with_recipe
     from minis.data import build_datasets, make_shapes
-    from minis.engine import TrainConfig, Trainer
 
     shapes = dict(PRETRAIN_SHAPES if shapes is None else shapes)
     recipe = {**PRETRAIN_RECIPE, **({} if epochs is None else {"epochs": epochs})}
@@ -70,11 +69,7 @@ def pretrain_small_backbone(root: str = "data/shapes_pretrain", *, epochs: int |
                                         progress=progress)
     torch.manual_seed(seed)  # the initial weights; the Trainer seeds data order and augmentation itself
     model = minis.models.build(PRETRAIN_MODEL, num_classes=train_set.num_classes)
-    config = TrainConfig(**recipe, seed=seed, device=device, eval_every=0, progress=progress)
-    trainer = Trainer(model, train_set, val_set, config)
-    started = time.perf_counter()
-    trainer.fit()
-    seconds = time.perf_counter() - started
+    trainer, _, seconds = train_with_recipe(model, train_set, val_set, recipe, None, seed, device, progress)
     meta = {"data": {key: list(value) if isinstance(value, tuple) else value for key, value in shapes.items()},
             "model": PRETRAIN_MODEL, "recipe": recipe, "seed": seed,
             "val_mIoU": float(trainer.evaluate()["mIoU"]), "train_s": round(seconds, 1),

@@ -112,3 +112,15 @@ def test_config_from_kwargs_sets_the_given_fields_only() -> None:
     assert config_from_kwargs(Settings, {}, "toy") == Settings()
     with pytest.raises(TypeError, match="toy: unknown argument"):
         config_from_kwargs(Settings, {"sizes": 3}, "toy")
+
+
+def test_a_semantic_model_without_scores_cannot_be_built():
+    import pytest
+
+    from minis.nn import SemanticModel
+
+    class NoScores(SemanticModel):
+        pass
+
+    with pytest.raises(TypeError, match="scores"):
+        NoScores()

@@ -9,6 +9,7 @@ deep-supervision loss), and a model fills in the steps its paper defines.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from minis.data.coco import IGNORE_INDEX  # label of pixels that count neither i
 from minis.nn.layers import ImageNormalizer
 
 
-class SemanticModel(nn.Module):
+class SemanticModel(nn.Module, metaclass=ABCMeta):
     """The semantic model contract: ``images [B,3,H,W] in 0..1 -> logits [B,K,H,W]`` in eval mode.
 
     In training mode with ``targets`` (int64 ``[B,H,W]``, :data:`IGNORE_INDEX` = ignore) the
@@ -47,9 +48,10 @@ class SemanticModel(nn.Module):
         """Normalised ``images [B,3,H,W]`` -> the backbone's feature maps ``{"c2": ..., "c5": ...}``."""
         return self.backbone(images)
 
+    @abstractmethod
     def scores(self, features: Any) -> torch.Tensor:
-        """Class scores ``[B,K,h,w]`` at the model's output stride."""
-        raise NotImplementedError
+        """Class scores ``[B,K,h,w]`` at the model's output stride: every model defines it (an
+        abstract method, so a subclass without it cannot be built)."""
 
     def aux_scores(self, features: Any) -> torch.Tensor | None:
         """The deep-supervision classifier's scores ``[B,K,h',w']`` (training only), or ``None``."""
