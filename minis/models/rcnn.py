@@ -536,9 +536,13 @@ class MaskRCNN(FasterRCNN):
 # The settings the book's chapters use on the 128-pixel shapes benchmark, for a 2-core CPU: the
 # small backbone and a 64-channel FPN; anchors 4x the stride of their level instead of 8x (the
 # objects are 40-70 pixels, where COCO's go up to 800); lighter heads; fewer proposals and RoI
-# samples (an image holds one or two objects, not dozens).
+# samples (an image holds one or two objects, not dozens). The backbone starts from the weights
+# minis ships (minis/pretrain.py: the small ResNet pretrained on 2000 other shapes images), as both
+# papers fine-tune an ImageNet-pretrained ResNet; with frozen batch norm, stem and first stage, as
+# torchvision does with ImageNet weights. From scratch, four runs of the chapter's recipe (seeds 0,
+# 1, 2 at 2 threads, seed 0 at 1) gave mask AP 0.729, 0.637, 0.656 and 0.704, a spread of 0.092.
 SHAPES_SETTINGS: dict = {
-    "backbone": "small", "fpn_channels": 64, "min_size": 128, "max_size": 256,
+    "backbone": "small", "pretrained_backbone": True, "fpn_channels": 64, "min_size": 128, "max_size": 256,
     "anchor_sizes": (16, 32, 64, 128, 256), "representation_size": 256, "mask_head_channels": 64,
     "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
     "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "box_batch_size_per_image": 32,
