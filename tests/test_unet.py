@@ -124,6 +124,30 @@ def test_deep_supervision_classifies_the_bottom_of_the_u() -> None:
     assert minis.models.build("unet", num_classes=3).aux_classifier is None  # off by default, as in the paper
 
 
+def test_fused_output_adds_the_bottom_scores_to_the_top_scores() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 40, 56)
+    model = minis.models.build("unet", num_classes=3, depth=3, width=4, aux_weight=0.4, fuse_aux=True).eval()
+    captured = {}
+    model.decoder[0].register_forward_hook(lambda module, inputs, output: captured.setdefault("top", output))
+    model.encoder[3].register_forward_hook(lambda module, inputs, output: captured.setdefault("bottom", output))
+    with torch.no_grad():
+        logits = model(images)
+        bottom = torch.nn.functional.interpolate(model.aux_classifier(captured["bottom"]), size=(40, 56),
+                                                 mode="bilinear", align_corners=False)
+        expected = model.classifier(captured["top"]) + bottom
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    # the same weights without the fusion give the top classifier's scores alone
+    plain = minis.models.build("unet", num_classes=3, depth=3, width=4, aux_weight=0.4).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images), model.classifier(captured["top"]), rtol=1e-5, atol=1e-5)
+    # training: the fused logits get loss_ce, the bottom's own scores loss_aux
+    assert set(model.train()(images, torch.randint(0, 3, (2, 40, 56)))) == {"loss_ce", "loss_aux"}
+    with pytest.raises(ValueError, match="needs aux_weight > 0"):
+        minis.models.build("unet", num_classes=3, fuse_aux=True)
+
+
 def test_bad_depth_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one downsampling"):
         minis.models.build("unet", num_classes=3, depth=0)

@@ -36,7 +36,7 @@ SEMANTIC_MODELS: list[tuple[str, dict[str, Any]]] = [
     ("fcn32s", {}),
     ("fcn16s", {}),
     ("fcn8s", {}),
-    ("unet", {"width": 8, "aux_weight": 0.4}),  # deep supervision, as in the U-Net chapter
+    ("unet", {"width": 8, "aux_weight": 0.4, "fuse_aux": True}),  # as in the U-Net chapter
     ("deeplabv1", {"head_channels": 128}),
     ("deeplabv2", {"head_channels": 64}),
     ("deeplabv3", {"head_channels": 64}),
