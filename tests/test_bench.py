@@ -61,7 +61,9 @@ def test_model_choice_defaults_and_mistakes():
     names = [name for name, _ in bench.resolve_models(None)]
     assert names == ["baseline_fcn", "fcn32s", "fcn16s", "fcn8s", "unet", "deeplabv1", "deeplabv2", "deeplabv3",
                      "deeplabv3plus", "pspnet"]
-    assert bench.resolve_models(["unet", "fcn8s"]) == [("unet", {"width": 8, "aux_weight": 0.4, "fuse_aux": True}), ("fcn8s", {})]
+    from minis.models import unet
+
+    assert bench.resolve_models(["unet", "fcn8s"]) == [("unet", unet.SHAPES_OPTIONS), ("fcn8s", {})]
     with pytest.raises(ValueError, match="unknown model 'segformer'"):
         bench.resolve_models(["segformer"])
     with pytest.raises(TypeError):

@@ -28,6 +28,7 @@ from minis.bench.common import (add_json_option, count_parameters, finish, forma
                                 interleaved_median_ms)
 from minis.cli import UserError
 from minis.data.shapes import SEMANTIC_SHAPES
+from minis.models import unet
 
 # The models the benchmark trains, in the order the book introduces them, at widths a 2-core CPU
 # trains in a minute or two each. Every model not listed here uses its builder's defaults.
@@ -36,7 +37,7 @@ SEMANTIC_MODELS: list[tuple[str, dict[str, Any]]] = [
     ("fcn32s", {}),
     ("fcn16s", {}),
     ("fcn8s", {}),
-    ("unet", {"width": 8, "aux_weight": 0.4, "fuse_aux": True}),  # as in the U-Net chapter
+    ("unet", unet.SHAPES_OPTIONS),  # the U-Net chapter's model (width 8, deep supervision, fused)
     ("deeplabv1", {"head_channels": 128}),
     ("deeplabv2", {"head_channels": 64}),
     ("deeplabv3", {"head_channels": 64}),
