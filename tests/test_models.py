@@ -124,3 +124,40 @@ def test_a_semantic_model_without_scores_cannot_be_built():
 
     with pytest.raises(TypeError, match="scores"):
         NoScores()
+
+
+def test_class_weights_weight_each_pixel_by_its_true_class() -> None:
+    """The weighted cross-entropy is the weighted mean of the per-pixel losses (a loop over pixels);
+    the weights stay out of the state dict, so weights trained either way load into the other."""
+    torch.manual_seed(0)
+    weights = [0.2, 1.0, 3.0]
+    model = minis.models.build("baseline_fcn", num_classes=3, class_weights=weights).train()
+    images, targets = torch.rand(2, 3, 24, 24), torch.randint(0, 3, (2, 24, 24))
+    targets[:, :4] = 255
+    torch.manual_seed(1)
+    logits = model(images)
+    torch.manual_seed(1)
+    loss = model(images, targets)["loss_ce"]
+    per_pixel = torch.nn.functional.cross_entropy(logits, targets, ignore_index=255, reduction="none")
+    w = torch.tensor(weights)[targets.clamp(max=2)] * (targets != 255)
+    torch.testing.assert_close(loss, (w * per_pixel).sum() / w.sum())
+    plain = minis.models.build("baseline_fcn", num_classes=3)
+    assert "class_weights" not in model.state_dict()
+    plain.load_state_dict(model.state_dict())  # strict: the same keys
+
+
+def test_median_frequency_weights_are_median_over_frequency_to_a_power() -> None:
+    from minis.nn import median_frequency_weights
+
+    # pixels per class over two images: 0: 10+6, 1: 4+0, 2: 2+0, 3: none; 255 ignored
+    first = torch.tensor([0] * 10 + [1] * 4 + [2] * 2).view(4, 4)
+    second = torch.tensor([0] * 6 + [255] * 10).view(4, 4)
+    dataset = [(None, {"semantic": first}), (None, {"semantic": second})]
+    frequency = torch.tensor([16, 4, 2]) / 22
+    expected = (frequency[1] / frequency) ** 0.5  # the median of the present classes' frequencies
+    weights = median_frequency_weights(dataset, num_classes=4, power=0.5)
+    torch.testing.assert_close(weights[:3], expected.float())
+    assert weights[3] == weights[:3].max()  # an absent class: the largest weight of the others
+    torch.testing.assert_close(median_frequency_weights(dataset, 4, power=0.0)[:3], torch.ones(3))
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        median_frequency_weights([(None, {"semantic": torch.full((2, 2), 255)})], 3)

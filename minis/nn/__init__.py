@@ -5,8 +5,8 @@ from minis.nn.backbones import (VGG16, FrozenBatchNorm2d, ResNet, build_backbone
 from minis.nn.layers import (ImageNormalizer, PooledBatchNorm2d, bilinear_upsampling, bilinear_upsampling_weight,
                              conv_bn_relu)
 from minis.nn.segmentation import (IGNORE_INDEX, SEMANTIC_SHAPES_RECIPE, BackboneHeadModel, FCNHead, SemanticModel,
-                                   resize_to, semantic_losses)
+                                   median_frequency_weights, resize_to, semantic_losses)
 
 __all__ = ["IGNORE_INDEX", "SEMANTIC_SHAPES_RECIPE", "BackboneHeadModel", "FCNHead", "FrozenBatchNorm2d", "ImageNormalizer", "PooledBatchNorm2d",
            "ResNet", "SemanticModel", "VGG16", "bilinear_upsampling", "bilinear_upsampling_weight", "build_backbone",
-           "conv_bn_relu", "convert_torchvision_vgg16", "fc_to_conv", "resize_to", "resnet", "semantic_losses", "vgg16"]
+           "conv_bn_relu", "convert_torchvision_vgg16", "fc_to_conv", "median_frequency_weights", "resize_to", "resnet", "semantic_losses", "vgg16"]

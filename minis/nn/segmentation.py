@@ -10,7 +10,7 @@ deep-supervision loss), and a model fills in the steps its paper defines.
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ class SemanticModel(nn.Module, metaclass=ABCMeta):
     In training mode with ``targets`` (int64 ``[B,H,W]``, :data:`IGNORE_INDEX` = ignore) the
     forward pass returns ``{"loss_ce"}`` instead, plus ``{"loss_aux"}`` when the model has a
     deep-supervision classifier (:meth:`aux_scores`), weighted by ``aux_weight``; the Trainer sums
-    the dict. Every step of :meth:`forward` is a method, and a model overrides the ones its paper
+    the dict. ``class_weights [K]`` (optional) weight each pixel's cross-entropy by its true class
+    (:func:`median_frequency_weights`). Every step of :meth:`forward` is a method, and a model overrides the ones its paper
     changes:
 
     - :meth:`features`: normalised images -> what the classifiers read (default: ``self.backbone``,
@@ -39,10 +40,14 @@ class SemanticModel(nn.Module, metaclass=ABCMeta):
 
     task = "semantic"
 
-    def __init__(self, aux_weight: float = 0.0) -> None:
+    def __init__(self, aux_weight: float = 0.0, class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         self.normalize = ImageNormalizer()
         self.aux_weight = aux_weight
+        # a training setting, not a learned value: kept out of the state dict, so that weights
+        # load into the model whether it was trained with class weights or without
+        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
 
     def features(self, images: torch.Tensor) -> Any:
         """Normalised ``images [B,3,H,W]`` -> the backbone's feature maps ``{"c2": ..., "c5": ...}``."""
@@ -74,7 +79,7 @@ class SemanticModel(nn.Module, metaclass=ABCMeta):
     def losses(self, logits: torch.Tensor, targets: torch.Tensor,
                aux_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """``{"loss_ce"}`` (plus ``{"loss_aux"}``): :func:`semantic_losses` at the input resolution."""
-        return semantic_losses(logits, targets, aux_logits, self.aux_weight)
+        return semantic_losses(logits, targets, aux_logits, self.aux_weight, self.class_weights)
 
 
 class BackboneHeadModel(SemanticModel):
@@ -130,17 +135,44 @@ def semantic_losses(
     targets: torch.Tensor,
     aux_logits: torch.Tensor | None = None,
     aux_weight: float = 0.4,
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pixel-wise cross-entropy, ignoring label 255: ``{"loss_ce"}`` plus ``{"loss_aux"}`` if given.
 
     ``logits`` and ``aux_logits`` ``[B,C,H,W]`` at the resolution of ``targets`` (int64 ``[B,H,W]``).
     The auxiliary loss (PSPNet's deep supervision) is weighted by ``aux_weight``; the Trainer sums
-    every entry of the dict.
+    every entry of the dict. ``class_weights [C]``: each pixel's loss weighted by its true class,
+    the mean taken over the weights (PyTorch's ``weight=``), so equal weights change nothing.
     """
-    losses = {"loss_ce": F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)}
+    weight = None if class_weights is None else class_weights.to(logits.dtype)
+    losses = {"loss_ce": F.cross_entropy(logits, targets, weight=weight, ignore_index=IGNORE_INDEX)}
     if aux_logits is not None:
-        losses["loss_aux"] = aux_weight * F.cross_entropy(aux_logits, targets, ignore_index=IGNORE_INDEX)
+        losses["loss_aux"] = aux_weight * F.cross_entropy(aux_logits, targets, weight=weight,
+                                                          ignore_index=IGNORE_INDEX)
     return losses
+
+
+def median_frequency_weights(dataset: Any, num_classes: int, power: float = 1.0) -> torch.Tensor:
+    """Class weights ``[K]`` from the pixel frequencies of a semantic dataset: ``(median f / f_c) ** power``.
+
+    Median frequency balancing (Eigen & Fergus, ICCV 2015; SegNet uses it): plain cross-entropy
+    weighs every *pixel* the same, mIoU every *class*; where 90 % of the pixels are background,
+    a rare class's few pixels barely move the loss. ``power=1`` is the paper's rule, ``0.5`` a
+    milder one. ``dataset[i]`` gives ``(image, {"semantic": int64 [H,W]})`` (255 = ignore); a class
+    without pixels gets the largest weight of the others.
+    """
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for index in range(len(dataset)):
+        labels = torch.as_tensor(dataset[index][1]["semantic"]).flatten()
+        counts += torch.bincount(labels[labels != IGNORE_INDEX], minlength=num_classes)[:num_classes].double()
+    if counts.sum() == 0:
+        raise ValueError("median_frequency_weights: the dataset has no labelled pixel")
+    frequency = counts / counts.sum()
+    present = frequency > 0
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = (frequency[present].median() / frequency[present]) ** power
+    weights[~present] = weights[present].max()
+    return weights.float()
 
 
 # The semantic chapters' training recipe on the semantic shapes variant (TrainConfig fields; each
