@@ -13,6 +13,7 @@ import minis.models
 from minis.bench.gpu import fixed_batch
 from minis.models.fcis import (FCIS, RoIOutputs, assemble, assemble_compiled, fcis_losses, joint_formulation,
                                resample_masks, vote_masks)
+from minis.models.rcnn import with_ground_truth
 from test_rcnn import random_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -144,6 +145,41 @@ def test_ohem_back_propagates_exactly_the_largest_loss_rois_of_each_image() -> N
     assert {n for n in range(total) if outputs.mask_logits.grad[n].abs().sum() > 0} == {n for n in hardest
                                                                                       if labels[n] > 0}
     assert outputs.box_deltas.grad[~positive].abs().sum() == 0
+
+
+def test_the_model_s_two_pass_ohem_gives_the_one_pass_losses_and_gradients() -> None:
+    """FCIS.losses ranks every RoI without gradient and re-scores the kept ones: the same losses, and the
+    same gradient to the score and box maps, as fcis_losses on one pass over all RoIs."""
+    torch.manual_seed(0)
+    model = minis.models.build("fcis", num_classes=4, **{**SMALL, "ohem_rois": 10}).train()
+    sizes = [(128, 128), (128, 128)]
+    images, targets = [torch.rand(3, h, w) for h, w in sizes], random_targets(sizes, 4, seed=2)
+    batch, targets = model.transform(images, targets)
+    with torch.no_grad():
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, [features["c4"]], targets)
+        hidden = F.relu(model.reduce(features["c5"]))
+        maps = (model.score_maps(hidden), model.box_maps(hidden))
+    rois = [with_ground_truth(p, t["boxes"]) for p, t in zip(proposals, targets)]
+    assert all(len(r) > 10 for r in rois)  # OHEM has RoIs to leave out
+    results = []
+    for two_pass in (False, True):
+        leaves = tuple(m.clone().requires_grad_() for m in maps)
+        if two_pass:
+            losses = model.losses(leaves, proposals, targets)
+        else:
+            labels, mask_targets, box_targets = model.roi_targets(rois, targets)
+            losses = fcis_losses(model.score_rois(leaves, rois), labels, mask_targets, box_targets,
+                                 [len(r) for r in rois], 10)
+        sum(losses.values()).backward()
+        results.append((losses, [m.grad for m in leaves]))
+    (one, one_grads), (two, two_grads) = results
+    assert float(one["loss_mask"].detach()) > 0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name])
+    for a, b in zip(two_grads, one_grads):  # summed in another order: equal up to rounding
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------
