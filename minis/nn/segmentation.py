@@ -27,8 +27,8 @@ class SemanticModel(nn.Module, metaclass=ABCMeta):
     forward pass returns ``{"loss_ce"}`` instead, plus ``{"loss_aux"}`` when the model has a
     deep-supervision classifier (:meth:`aux_scores`), weighted by ``aux_weight``; the Trainer sums
     the dict. ``class_weights [K]`` (optional) weight each pixel's cross-entropy by its true class
-    (:func:`median_frequency_weights`). Every step of :meth:`forward` is a method, and a model overrides the ones its paper
-    changes:
+    (:func:`median_frequency_weights`). Every step of :meth:`forward` is a method, and a model
+    overrides the ones its paper changes:
 
     - :meth:`features`: normalised images -> what the classifiers read (default: ``self.backbone``,
       whose ``{"c2", ..., "c5"}`` feature maps every ResNet/VGG backbone returns);
