@@ -137,7 +137,8 @@ def test_command_reports_mistakes_in_one_line(capsys):
 TINY_OPS = {
     "box_iou": {"boxes": 50}, "generalized_box_iou": {"boxes": 50}, "nms": {"boxes": 80},
     "batched_nms": {"boxes": 80, "classes": 5},
-    **{op: {"boxes": 8, "channels": 4, "height": 20, "width": 24} for op in ("roi_align_7x7", "roi_align_14x14")},
+    **{op: {"boxes": 8, "channels": 4, "height": 20, "width": 24}
+       for op in ("roi_align_7x7", "roi_align_14x14", "roi_align_backward_7x7")},
     "roi_pool_7x7": {"boxes": 8, "channels": 4, "height": 10, "width": 12},
     **{op: {"boxes": 8, "channels": 2 * 7 * 7, "height": 10, "width": 12}
        for op in ("ps_roi_align_7x7", "ps_roi_pool_7x7")},

@@ -10,6 +10,7 @@ import torchvision.ops as tv_ops
 from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 
 import minis.ops as ops
+from minis.ops.roi import roi_align_matmul_backward, roi_align_matrices
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -228,6 +229,49 @@ def test_roi_align_gradients_equal_torchvision() -> None:
         (output * torch.linspace(-1, 1, output.numel()).reshape(output.shape)).sum().backward()
         grads.append(features.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [0, 1, 2, 4])
+@pytest.mark.parametrize("spatial_scale,output_size", [(1.0, 7), (0.5, (5, 3)), (0.25, (14, 14))])
+def test_roi_align_matmul_backward_gives_torchvision_s_values_and_gradients(aligned: bool, sampling_ratio: int,
+                                                                           spatial_scale: float, output_size) -> None:
+    # the boxes of random_rois: partly or wholly outside the map, zero-sized, on two images
+    rois = random_rois(40, 7)
+    results = []
+    for roi_align in (roi_align_matmul_backward, tv_ops.roi_align):
+        features = torch.randn(2, 3, 40, 36, generator=torch.Generator().manual_seed(8)).requires_grad_()
+        output = roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        output.backward(torch.randn(output.shape, generator=torch.Generator().manual_seed(9)))
+        results.append((output.detach(), features.grad))
+    (ours, our_grad), (theirs, their_grad) = results
+    assert torch.equal(ours, theirs)  # the same compiled forward
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_roi_align_matmul_backward_with_several_images_no_boxes_and_a_list_of_boxes() -> None:
+    per_image = [random_boxes(5, 10, size=64.0, max_side=40.0), random_boxes(0, 11), random_boxes(3, 12, size=64.0)]
+    for boxes, expect_zero in ((per_image, False), (torch.zeros(0, 5), True)):
+        grads = []
+        for roi_align in (roi_align_matmul_backward, tv_ops.roi_align):
+            features = torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(13)).requires_grad_()
+            output = roi_align(features, boxes, 3, 0.25, 2, True)
+            (output * 1.5).sum().backward() if output.numel() else output.sum().backward()
+            grads.append(features.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+        assert bool((grads[0] == 0).all()) == expect_zero
+
+
+def test_roi_align_is_two_matrix_products() -> None:
+    # the separability roi_align_matmul_backward relies on: rows[k] @ features[b, c] @ cols[k].T
+    features = torch.randn(2, 3, 40, 36, generator=torch.Generator().manual_seed(14))
+    rois = random_rois(30, 15)
+    for aligned, sampling_ratio in ((False, 2), (True, 0)):
+        rows, cols = roi_align_matrices(rois, (40, 36), (5, 4), 0.5, sampling_ratio, aligned)
+        assert rows.shape == (len(rois), 5, 40) and cols.shape == (len(rois), 4, 36)
+        product = torch.einsum("kiy,kcyx,kjx->kcij", rows, features[rois[:, 0].long()], cols)
+        torch.testing.assert_close(product, tv_ops.roi_align(features, rois, (5, 4), 0.5, sampling_ratio, aligned),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("spatial_scale,output_size", [(1.0, 7), (0.5, (4, 6)), (1 / 16, (2, 2))])

@@ -46,6 +46,8 @@ OP_SIZES: dict[str, dict[str, int]] = {
     "batched_nms": {"boxes": 2000, "classes": 80, "iou": 50},  # the box head's per-class NMS
     "roi_align_7x7": {**_ROI, "output": 7},
     "roi_align_14x14": {**_ROI, "output": 14},
+    # training: the forward and the features' gradient (the two-stage models' backward on a CPU)
+    "roi_align_backward_7x7": {**_ROI, "output": 7},
     # RoIPool's own setting, a stride-16 map (Fast/Faster R-CNN); the plain version compares every
     # cell of the map with every bin, so on the 200 x 272 map it takes minutes, not seconds
     "roi_pool_7x7": {**_ROI, "height": 50, "width": 68, "stride": 16, "output": 7},
@@ -301,6 +303,23 @@ def _op_case(op: str, size: dict[str, int], generator: torch.Generator) -> tuple
         return (f"{n} boxes, {size['classes']} classes, IoU {threshold}",
                 lambda: ops.batched_nms(boxes, scores, classes, threshold),
                 lambda: tv_ops.batched_nms(boxes, scores, classes, threshold), True)
+    if op.startswith("roi_align_backward"):
+        n, channels, height, width, stride, output = (size[key] for key in
+                                                      ("boxes", "channels", "height", "width", "stride", "output"))
+        features = torch.randn(1, channels, height, width, generator=generator)
+        boxes = [random_boxes(n, stride * height, stride * width, generator)]
+        upstream = torch.randn(n, channels, output, output, generator=generator)
+
+        def gradient(roi_align: Callable) -> Callable[[], torch.Tensor]:
+            def call() -> torch.Tensor:
+                with torch.enable_grad():
+                    leaf = features.clone().requires_grad_()
+                    roi_align(leaf, boxes, output, 1 / stride, 2).backward(upstream)
+                return leaf.grad
+            return call
+        return (f"{n} boxes, 1x{channels}x{height}x{width} map (stride {stride}), {output}x{output}, "
+                f"forward + features' gradient", gradient(ops.roi.roi_align_matmul_backward),
+                gradient(tv_ops.roi_align), False)
     if op.startswith(("roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool")):
         n, channels, height, width, stride, output = (size[key] for key in
                                                       ("boxes", "channels", "height", "width", "stride", "output"))

@@ -54,7 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 # The compiled kernels. minis.ops.roi_align and minis.ops.batched_nms compute the same numbers
 # (tests/test_ops.py) and are the versions the chapters explain; a detector runs them on
-# thousands of boxes per image, where the C++ loops are several times faster.
+# thousands of boxes per image, where the C++ loops are several times faster. In training on a
+# CPU the features' gradient comes from roi_align_matmul_backward, not from torchvision's
+# backward kernel, which took a quarter of a shapes training step (four times as long).
 from torchvision.ops import batched_nms, roi_align
 
 from minis.models import register
@@ -63,6 +65,7 @@ from minis.nn.detection import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Detecti
                                 match_boxes, sample_balanced, training_targets)
 from minis.nn.fpn import BackboneFPN, backbone_fpn
 from minis.ops import AnchorGenerator, BoxCoder, box_iou, clip_boxes_to_image, multiscale_roi_align, remove_small_boxes
+from minis.ops.roi import roi_align_matmul_backward
 
 
 @dataclass
@@ -341,7 +344,8 @@ class FasterRCNN(nn.Module):
     def pool(self, features: list[torch.Tensor], boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]],
              output_size: int) -> torch.Tensor:
         """RoIAlign every box on the FPN level that suits its size: ``[sum K_i, C, size, size]``."""
-        return multiscale_roi_align(features, boxes, image_sizes, output_size, self.sampling_ratio, roi_align=roi_align)
+        return multiscale_roi_align(features, boxes, image_sizes, output_size, self.sampling_ratio,
+                                    roi_align=roi_align_matmul_backward)
 
     def roi_heads(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
                   image_sizes: list[tuple[int, int]], targets: list[dict] | None
