@@ -42,9 +42,10 @@ cross-entropy of its class's mask and the smooth-L1 box loss; OHEM back-propagat
 per image with the largest loss (:func:`fcis_losses`). Inference: the RoIs and their regressed boxes
 are both scored, per-class NMS at 0.3 keeps at most 100, and each kept box's mask is voted by the
 boxes around it (:func:`vote_masks`), then binarised at 0.4. :func:`assemble` is the plain version of
-the assembly (:func:`minis.ops.ps_roi_align` with ``group_size``); the model runs the same numbers
-through torchvision's compiled kernel (:func:`assemble_compiled`, tested equal): twice as fast forward,
-and in training without the plain version's gathered samples kept in memory for the backward pass.
+the assembly (:func:`minis.ops.ps_roi_align` with ``group_size``); the model computes the same numbers
+with one batched ``grid_sample`` (:func:`assemble_sampled`, tested equal): on two CPU cores about three
+times as fast forward as torchvision's compiled ``ps_roi_align`` and five times backward, and without the
+plain version's gathered samples kept in memory for the backward pass.
 
 Departures from the paper (and from the authors' MXNet code, where it fills in what the paper
 leaves open):
@@ -84,7 +85,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms  # the compiled kernels: minis.ops computes the same numbers
-from torchvision.ops import ps_roi_align as tv_ps_roi_align
 
 from minis.models import rcnn, register
 from minis.models.config import config_from_kwargs
@@ -93,7 +93,9 @@ from minis.nn.backbones import build_backbone
 from minis.nn.detection import DetectionTransform, match_boxes, training_targets
 from minis.nn.fpn import freeze_stages
 from minis.ops import AnchorGenerator, BoxCoder, box_iou, clip_boxes_to_image, remove_small_boxes
+from minis.ops.boxes import _float_compute_dtype
 from minis.ops.ps_roi import ps_roi_align
+from minis.ops.roi import _as_rois, _sample_coordinates, _sampling_grid
 
 OUTPUT_STRIDE = 16  # conv5 dilated: the score maps' stride ("hole algorithm")
 _VOTE_ELEMENTS = 2**22  # mask voting resamples at most this many mask values at once
@@ -163,30 +165,41 @@ def assemble(score_maps: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tens
     return parts.unflatten(1, (-1, 2))
 
 
-def assemble_compiled(score_maps: torch.Tensor, boxes: Sequence[torch.Tensor], roi_size: int, group_size: int,
-                      spatial_scale: float) -> torch.Tensor:
-    """:func:`assemble` with one sample per bin (``sampling_ratio=1``) and ``R`` a multiple ``r k`` of ``k``,
-    computed by torchvision's compiled ``ps_roi_align``: the same numbers, faster and lighter in training.
+def assemble_sampled(maps: torch.Tensor, boxes: Sequence[torch.Tensor], roi_size: int, group_size: int,
+                     spatial_scale: float) -> torch.Tensor:
+    """:func:`assemble` flattened, ``[N, channels / k^2, R, R]``, for one sample per bin and ``R`` a multiple
+    ``r k`` of ``k``, as one batched ``F.grid_sample``: the same numbers, several times faster.
 
-    Bin ``(p r + a, q r + b)`` of a RoI is one sample at the bin's centre, in part ``(p, q)``. Shift the
-    RoI by ``a + 1/2 - r/2`` bins down and ``b + 1/2 - r/2`` bins right, pool it to ``k x k`` with one
-    sample per (``r`` times larger) bin, and part ``(p, q)``'s sample lands exactly there. So the
-    ``r^2`` shifted copies of every RoI give all ``R x R`` values, to be interleaved.
+    Every bin of every box is one bilinear sample at the bin's centre, read from the maps of the part
+    the bin lies in. So the maps are regrouped by part, ``[k^2, channels / k^2, B*H, W]`` (the images
+    stacked along the height), and part ``(p, q)`` samples the ``r x r`` bin centres of that part of
+    every box at once. The samples follow torchvision's RoIAlign rules (:mod:`minis.ops.roi`): clamped
+    onto the map within a cell of its border, which also keeps them on their own image of the stack,
+    and 0 farther out. The positions are torchvision's ``ps_roi_align``'s (the box shifted by half a
+    cell); grid_sample's backward spreads the gradients with all cores, where the compiled
+    ``ps_roi_align`` backward visits every sample on one thread.
     """
-    dtype = torch.promote_types(score_maps.dtype, torch.float32)  # the kernel has no bfloat16 on the CPU
-    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)]).to(dtype)
-    r, count = roi_size // group_size, len(rois)
-    shift = torch.arange(r, device=rois.device, dtype=dtype) + 0.5 - r / 2  # in bins
-    dx = shift * ((rois[:, 3] - rois[:, 1]) / roi_size)[:, None]  # [K,r]
-    dy = shift * ((rois[:, 4] - rois[:, 2]) / roi_size)[:, None]
-    offsets = torch.zeros(count, r, r, 5, device=rois.device, dtype=dtype)
-    offsets[..., 1::2] = dx[:, None, :, None]  # x1 and x2 move with b
-    offsets[..., 2::2] = dy[:, :, None, None]  # y1 and y2 with a
-    shifted = (rois[:, None, None] + offsets).reshape(-1, 5)  # [K*r*r,5], ordered (RoI, a, b)
-    pooled = tv_ps_roi_align(score_maps.to(dtype), shifted, group_size, spatial_scale, 1)  # [K*r*r,2(C+1),k,k]
-    channels = score_maps.shape[1] // group_size**2
-    pooled = pooled.view(count, r, r, channels, group_size, group_size).permute(0, 3, 4, 1, 5, 2)  # [K,2(C+1),p,a,q,b]
-    return pooled.reshape(count, channels // 2, 2, roi_size, roi_size)
+    batch, channels, height, width = maps.shape
+    k, r = group_size, roi_size // group_size
+    kinds = channels // (k * k)  # 2 (C+1) score maps per part, or 4 box maps
+    rois = _as_rois(boxes, _float_compute_dtype(maps.dtype), maps.device)
+    count = len(rois)
+    grid = _sampling_grid(rois, (roi_size, roi_size), spatial_scale, 1, aligned=True)
+    x1, y1, bin_w, bin_h, grid_w, grid_h = grid.unbind(1)
+    ys, _ = _sample_coordinates(y1, bin_h, grid_h, roi_size, 1)  # [N,R]: the bins' centres
+    xs, _ = _sample_coordinates(x1, bin_w, grid_w, roi_size, 1)
+    near = ((ys >= -1) & (ys <= height))[:, :, None] & ((xs >= -1) & (xs <= width))[:, None, :]  # [N,R,R]
+    # grid_sample's coordinates (align_corners=True): -1 and 1 are the centres of the first and last cell
+    stacked_y = rois[:, :1] * height + ys.clamp(0, height - 1)
+    normal_y = (2 * stacked_y / max(batch * height - 1, 1) - 1).view(count, k, 1, r, 1)  # [N,p,1,a,1]
+    normal_x = (2 * xs.clamp(0, width - 1) / max(width - 1, 1) - 1).view(count, 1, k, 1, r)  # [N,1,q,1,b]
+    points = torch.stack(torch.broadcast_tensors(normal_x, normal_y), dim=-1)  # [N,p,q,a,b,(x,y)]
+    points = points.permute(1, 2, 0, 3, 4, 5).reshape(k * k, count, r * r, 2)
+    by_part = maps.view(batch, kinds, k * k, height, width).permute(2, 1, 0, 3, 4).reshape(k * k, kinds, -1, width)
+    samples = F.grid_sample(by_part, points.to(by_part.dtype), mode="bilinear", padding_mode="border",
+                            align_corners=True)  # [k*k, kinds, N, r*r]
+    samples = samples.view(k, k, kinds, count, r, r).permute(3, 2, 0, 4, 1, 5).reshape(count, kinds, roi_size, roi_size)
+    return samples * near[:, None]
 
 
 def joint_formulation(assembled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,21 +392,19 @@ class FCIS(nn.Module):
 
     def score_rois(self, maps: tuple[torch.Tensor, torch.Tensor], rois: list[torch.Tensor]) -> RoIOutputs:
         """Class logits, mask logits and box offsets of the RoIs of all images, from the shared maps."""
-        cfg = self.config
         score_maps, box_maps = maps
         class_logits, mask_logits = joint_formulation(self.assemble_maps(score_maps, rois))
-        # the box maps pooled to k x k and averaged: the parts vote on the box (R-FCN). With R/k samples per
-        # part and side these are the samples of the R x R assembly, which the authors average
-        samples = cfg.sampling_ratio * max(1, cfg.roi_size // cfg.group_size)
-        parts = tv_ps_roi_align(box_maps.float(), rois, cfg.group_size, 1.0 / self.backbone.output_stride, samples)
-        return RoIOutputs(class_logits, mask_logits, parts.mean(dim=(-2, -1)))  # box offsets [N,4]
+        # the box maps assembled the same way and averaged: the parts vote on the box (R-FCN), as the
+        # authors average the R x R samples
+        box_deltas = self.assemble_maps(box_maps.float(), rois).flatten(1, 2).mean(dim=(-2, -1))  # [N,4]
+        return RoIOutputs(class_logits, mask_logits, box_deltas)
 
     def assemble_maps(self, maps: torch.Tensor, rois: list[torch.Tensor]) -> torch.Tensor:
-        """:func:`assemble`, by torchvision's kernel where it computes the same (:func:`assemble_compiled`)."""
+        """:func:`assemble`, by one ``grid_sample`` where it computes the same (:func:`assemble_sampled`)."""
         cfg = self.config
         scale = 1.0 / self.backbone.output_stride  # the padded images are multiples of 32: the maps exactly 1/16
         if cfg.sampling_ratio == 1 and cfg.roi_size % cfg.group_size == 0:
-            return assemble_compiled(maps, rois, cfg.roi_size, cfg.group_size, scale)
+            return assemble_sampled(maps, rois, cfg.roi_size, cfg.group_size, scale).unflatten(1, (-1, 2))
         return assemble(maps, rois, cfg.roi_size, cfg.group_size, scale, cfg.sampling_ratio)
 
     # -- training -------------------------------------------------------------------------------
@@ -404,8 +415,8 @@ class FCIS(nn.Module):
 
         In two passes, as the paper's OHEM: every RoI is scored without gradient and ranked, then the
         kept ones are scored again with it. The second pass costs a third of the first (32 RoIs of
-        about 100 in the shapes settings), while the backward pass of torchvision's ``ps_roi_align``
-        visits every RoI it was given, kept or not, and took half of a one-pass training step.
+        about 100 in the shapes settings), while a backward pass visits every RoI it was given, kept or
+        not (with torchvision's ``ps_roi_align``, half of a one-pass training step).
         """
         cfg = self.config
         rois = [with_ground_truth(p, t["boxes"]) for p, t in zip(proposals, targets)]
@@ -500,7 +511,8 @@ class FCIS(nn.Module):
 # set, seed 0, 6 epochs of SHAPES_RECIPE: 0.459 from scratch, 0.540 pretrained (box AP 0.683); 4
 # epochs 0.496 (seed 1: 0.538), 5 epochs 0.519; 4 epochs with a 100-iteration warm-up 0.459. With the
 # two-pass OHEM of FCIS.losses (same losses, 188 s instead of 258 s for 6 epochs on 2 cores), seeds
-# 0, 1, 2: mask AP 0.532, 0.560, 0.552, box AP 0.645, 0.696, 0.686.
+# 0, 1, 2: mask AP 0.532, 0.560, 0.552, box AP 0.645, 0.696, 0.686; with assemble_sampled instead of
+# torchvision's ps_roi_align, seed 0: mask AP 0.543, box AP 0.684, in 128 s.
 SHAPES_SETTINGS: dict = {
     "backbone": "small", "pretrained_backbone": True, "min_size": 128, "max_size": 256, "head_channels": 256,
     "anchor_sizes": (16, 32, 64, 128), "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 100,

@@ -91,7 +91,7 @@ def _sample_coordinates(start: torch.Tensor, bin_size: torch.Tensor, grid: torch
     # an empty box (grid 0, possible with aligned=True) has no valid sample, and no 0 / 0 either
     positions = start + p * bin_size + (i + 0.5) * bin_size / grid_f.clamp(min=1)
     valid = (i < grid_f).expand_as(positions)
-    return positions.reshape(len(start), -1), valid.reshape(len(start), -1)
+    return positions.reshape(len(start), bins * max_grid), valid.reshape(len(start), bins * max_grid)
 
 
 def _bilinear_weights(positions: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
@@ -267,8 +267,6 @@ class _RoIAlignMatmulBackward(torch.autograd.Function):
         pooled_h, pooled_w = output_size
         # accumulated as rows of C values, one per feature cell (a channels-last layout)
         grad_cells = grad_output.new_zeros(batch * height * width, channels, dtype=torch.float32)
-        if len(rois) == 0:
-            return grad_cells.view(batch, height, width, channels).permute(0, 3, 1, 2).to(dtype), *[None] * 5
         rows, cols = roi_align_matrices(rois.float(), (height, width), output_size, spatial_scale, sampling_ratio,
                                         aligned)
         image = _batch_indices(rois, batch)
