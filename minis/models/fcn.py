@@ -216,6 +216,8 @@ def from_torchvision_fcn(tv_model: nn.Module) -> FCN:
 
 
 # The FCN chapter's recipe on the semantic shapes variant: the semantic chapters' (SEMANTIC_SHAPES_RECIPE),
-# in the paper's stages: FCN-32s from scratch, then each finer net from the coarser one's weights.
-SHAPES_RECIPE: dict = SEMANTIC_SHAPES_RECIPE
+# in the paper's stages: FCN-32s from scratch, then each finer net from the coarser one's weights. In
+# channels_last memory (the same numbers up to float rounding): on 2 CPU cores 2 epochs of FCN-32s took
+# 8.5-9.0 s instead of 11.1-11.6 s, of FCN-8s 8.5-9.3 s instead of 8.8-10.5 s.
+SHAPES_RECIPE: dict = {**SEMANTIC_SHAPES_RECIPE, "channels_last": True}
 SHAPES_STAGES: tuple[tuple[str, int], ...] = (("fcn32s", 16), ("fcn16s", 8), ("fcn8s", 8))  # (model, epochs)
