@@ -221,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             recipe = minis.models.shapes_recipe(args.model)
         except KeyError as error:  # an unknown model, or one without a recipe
             raise UserError(f"--recipe shapes: {error.args[0]}") from error
-        kwargs = {**minis.models.shapes_settings(args.model), **kwargs}
+        kwargs = {**minis.models.shapes_settings(args.model), **minis.models.chapter_options(args.model), **kwargs}
     config = _train_config(args, recipe)
     if args.resume and not (Path(args.out) / "last.pt").is_file():
         raise UserError(f"--resume: no checkpoint at {Path(args.out) / 'last.pt'}")

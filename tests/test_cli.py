@@ -23,6 +23,7 @@ from PIL import Image
 
 from minis import models as registry  # `minis` below is the subprocess helper
 from minis.cli import main
+import minis.cli as cli_module
 
 TRAIN = ["train", "baseline_fcn", "--data", "shapes", "--batch-size", "8", "--lr", "0.05", "--model-arg", "width=8"]
 
@@ -287,6 +288,31 @@ def test_recipe_shapes_trains_with_the_model_settings(workspace, monkeypatch, ca
     assert checkpoint["config"]["warmup_iters"] == registry.shapes_recipe("fcos")["warmup_iters"]
     assert main(["train", "no_such_model", "--recipe", "shapes", "--data-root", "shapes", "--out", "r"]) == 2
     assert "--recipe shapes: unknown model 'no_such_model'" in capsys.readouterr().err
+
+
+def test_recipe_shapes_builds_the_chapters_model_options_and_model_args_win(workspace, monkeypatch):
+    # the semantic chapters' options live in SHAPES_OPTIONS (U-Net: width 8, depth 4, fused deep supervision)
+    built = {}
+
+    class Built(Exception):
+        pass
+
+    def capture(name, num_classes, kwargs):
+        built.update(kwargs)
+        raise Built
+
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(cli_module, "_build_model", capture)
+    from minis.models import unet
+
+    for extra, expected in (([], unet.SHAPES_OPTIONS), (["--model-arg", "width=4"], {**unet.SHAPES_OPTIONS, "width": 4})):
+        built.clear()
+        with pytest.raises(Built):
+            main(["train", "unet", "--recipe", "shapes", "--data-root", "shapes", "--out", "r", *extra])
+        assert built == expected
+    assert registry.chapter_options("fcos") == {}
+    with pytest.raises(KeyError, match="unknown model 'no_such_model'"):
+        registry.chapter_options("no_such_model")
 
 
 def test_predict_val_draws_ground_truth_beside_the_prediction(trained, monkeypatch, capsys):

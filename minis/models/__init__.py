@@ -77,6 +77,19 @@ def shapes_recipe(name: str) -> dict:
     return dict(module.SHAPES_RECIPE)
 
 
+def chapter_options(name: str) -> dict:
+    """The ``build`` options model ``name``'s chapter adds on shapes: its model file's ``SHAPES_OPTIONS``
+    (the semantic models': U-Net's width, depth and deep supervision, DeepLab's and PSPNet's head
+    width and pretrained backbone), ``{}`` if it has none. ``minis train --recipe shapes`` builds with
+    :func:`shapes_settings`, then these.
+
+    >>> model = build("unet", num_classes=6, **chapter_options("unet"))
+    """
+    shapes_settings(name)  # an unknown name: the same message
+    module = sys.modules[_REGISTRY[name].__module__]
+    return dict(getattr(module, "SHAPES_OPTIONS", {}))
+
+
 def from_torchvision(tv_model: torch.nn.Module) -> torch.nn.Module:
     """Return the minis model with the same weights and outputs as a torchvision model.
 
