@@ -152,6 +152,50 @@ def test_batched_nms_equals_torchvision(n: int, classes: int, seed: int) -> None
         assert len(ops.batched_nms(identical, torch.rand(classes), torch.arange(classes), 0.5)) == classes
 
 
+def yolact_fast_nms_loop(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> list[int]:
+    """YOLACT's rule written out box by box: in score order, keep a box when its largest IoU with the
+    boxes before it (kept or not) is at most the threshold."""
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    ious = tv_ops.box_iou(boxes, boxes)
+    return [i for rank, i in enumerate(order) if all(ious[i, j] <= threshold for j in order[:rank])]
+
+
+@pytest.mark.parametrize("n,seed,threshold", [(0, 0, 0.5), (1, 1, 0.5), (60, 2, 0.5), (200, 3, 0.3), (200, 4, 0.7)])
+def test_fast_nms_is_yolact_s_rule_and_keeps_a_subset_of_greedy_nms(n: int, seed: int, threshold: float) -> None:
+    boxes = random_boxes(n, seed + 10, size=150.0, max_side=60.0)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(seed + 11))
+    kept = ops.fast_nms(boxes, scores, threshold)
+    assert kept.dtype == torch.int64 and kept.tolist() == yolact_fast_nms_loop(boxes, scores, threshold)
+    greedy = tv_ops.nms(boxes, scores, threshold)
+    assert set(kept.tolist()) <= set(greedy.tolist())
+    # equal to greedy NMS exactly when no box that greedy NMS removes overlaps a box it keeps, below it
+    ious = tv_ops.box_iou(boxes, boxes)
+    removed = sorted(set(range(n)) - set(greedy.tolist()))
+    chain = any(ious[r, k] > threshold and scores[r] > scores[k] for r in removed for k in greedy.tolist())
+    assert torch.equal(kept, greedy) == (not chain)
+
+
+def test_fast_nms_differs_from_greedy_nms_on_a_chain() -> None:
+    # A overlaps B, B overlaps C, A does not overlap C: greedy keeps A and C; Fast NMS lets the
+    # removed B still remove C
+    boxes = torch.tensor([[0.0, 0, 10, 10], [6.0, 0, 16, 10], [12.0, 0, 22, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert ops.fast_nms(boxes, scores, 0.2).tolist() == [0]
+    assert ops.nms(boxes, scores, 0.2).tolist() == [0, 2]
+
+
+def test_batched_fast_nms_works_per_group() -> None:
+    generator = torch.Generator().manual_seed(12)
+    boxes = random_boxes(300, 13, size=150.0, max_side=60.0)
+    scores = torch.rand(300, generator=generator)
+    idxs = torch.randint(0, 6, (300,), generator=generator)
+    kept = ops.batched_fast_nms(boxes, scores, idxs, 0.5)
+    per_group = torch.cat([torch.nonzero(idxs == g).flatten()[ops.fast_nms(boxes[idxs == g], scores[idxs == g], 0.5)]
+                           for g in range(6)])
+    assert torch.equal(kept, per_group[torch.sort(scores[per_group], descending=True, stable=True).indices])
+    assert ops.batched_fast_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Anchors
 # --------------------------------------------------------------------------------------------

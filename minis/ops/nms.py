@@ -13,6 +13,9 @@ over boxes. Here it is a few matrix operations instead, with the same result:
    practice a handful of rounds suffices, because the chains "A suppresses B, which would
    have suppressed C" are short.
 
+Fast NMS (YOLACT) stops after the first round: a box goes when any better box overlaps it, kept or
+not. It keeps a subset of what greedy NMS keeps.
+
 The IoU matrix costs ``N^2`` memory: fine for the few thousand boxes per image and class that
 detectors pass to NMS, not for tens of thousands at once.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
 
@@ -77,8 +81,15 @@ def _check_boxes_and_scores(boxes: torch.Tensor, scores: torch.Tensor) -> None:
         raise InvalidBoxesError(f"scores must be [N] with N = {len(boxes)}, one per box, got shape {tuple(scores.shape)}")
 
 
+def _fast_keep(overlaps: torch.Tensor) -> torch.Tensor:
+    """bool ``[N]``: which boxes Fast NMS keeps, given ``overlaps [N,N]`` in score order: those that no
+    better box overlaps, kept or not (the first round of :func:`_greedy_keep`)."""
+    return ~overlaps.any(dim=1)
+
+
 def _nms_in_order(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
-                  groups: torch.Tensor | None) -> torch.Tensor:
+                  groups: torch.Tensor | None,
+                  keep_rule: Callable[[torch.Tensor], torch.Tensor] = _greedy_keep) -> torch.Tensor:
     # A stable sort keeps equal scores in index order, as torchvision's kernel does.
     order = torch.sort(scores, descending=True, stable=True).indices
     boxes = boxes[order].to(_float_compute_dtype(boxes.dtype))  # float16 boxes: IoU in float32
@@ -87,7 +98,7 @@ def _nms_in_order(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: floa
         groups = groups[order]
         overlaps &= groups[:, None] == groups[None, :]  # only boxes of the same group compete
     overlaps = torch.tril(overlaps, diagonal=-1)  # row i: only the boxes ranked before i
-    return order[_greedy_keep(overlaps)]
+    return order[keep_rule(overlaps)]
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -103,6 +114,29 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     return _nms_in_order(boxes, scores, iou_threshold, None)
 
 
+def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Fast NMS (Bolya et al., *YOLACT*, ICCV 2019): indices (int64 ``[K]``, by decreasing score) of
+    the boxes that no higher-scoring box overlaps by IoU ``> iou_threshold``, whether or not that box
+    is itself kept.
+
+    YOLACT's rule, in its terms: sort by score, take the IoU matrix, keep its upper triangle (each
+    box against the better ones), and keep a box when its column's maximum is at most the
+    threshold. It is the first round of the iteration that greedy NMS needs (see the module's
+    notes), so a box suppressed by a box that is itself suppressed stays suppressed: the kept set
+    is a subset of :func:`nms`'s, and equal to it when no removed box would have removed another.
+    One IoU matrix and a maximum, no sequential step: the speed YOLACT wanted on a GPU.
+    """
+    _check_boxes_and_scores(boxes, scores)
+    return _nms_in_order(boxes, scores, iou_threshold, None, keep_rule=_fast_keep)
+
+
+def batched_fast_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
+                     iou_threshold: float) -> torch.Tensor:
+    """:func:`fast_nms` within each group (``idxs [N]``, e.g. the class), as :func:`batched_nms`:
+    boxes of different groups never suppress each other (YOLACT runs it per class, all classes at once)."""
+    return _batched(boxes, scores, idxs, iou_threshold, _fast_keep)
+
+
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """NMS within each group (``idxs [N]``, e.g. the class): boxes of different groups never
     suppress each other. Returns the kept indices by decreasing score, as
@@ -113,9 +147,14 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
     and lets groups meet when coordinates are negative; the mask does neither). Without boxes the
     result is empty whatever ``scores`` and ``idxs`` are, as in torchvision.
     """
+    return _batched(boxes, scores, idxs, iou_threshold, _greedy_keep)
+
+
+def _batched(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float,
+             keep_rule: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     _check_boxes_and_scores(boxes, scores)
     if idxs.dim() != 1 or len(idxs) != len(boxes):
         raise InvalidBoxesError(f"idxs must be [N] with N = {len(boxes)}, one per box, got shape {tuple(idxs.shape)}")
-    return _nms_in_order(boxes, scores, iou_threshold, idxs)
+    return _nms_in_order(boxes, scores, iou_threshold, idxs, keep_rule)
