@@ -303,29 +303,24 @@ def _op_case(op: str, size: dict[str, int], generator: torch.Generator) -> tuple
         return (f"{n} boxes, {size['classes']} classes, IoU {threshold}",
                 lambda: ops.batched_nms(boxes, scores, classes, threshold),
                 lambda: tv_ops.batched_nms(boxes, scores, classes, threshold), True)
-    if op.startswith("roi_align_backward"):
-        n, channels, height, width, stride, output = (size[key] for key in
-                                                      ("boxes", "channels", "height", "width", "stride", "output"))
-        features = torch.randn(1, channels, height, width, generator=generator)
-        boxes = [random_boxes(n, stride * height, stride * width, generator)]
-        upstream = torch.randn(n, channels, output, output, generator=generator)
-
-        def gradient(roi_align: Callable) -> Callable[[], torch.Tensor]:
-            def call() -> torch.Tensor:
-                with torch.enable_grad():
-                    leaf = features.clone().requires_grad_()
-                    roi_align(leaf, boxes, output, 1 / stride, 2).backward(upstream)
-                return leaf.grad
-            return call
-        return (f"{n} boxes, 1x{channels}x{height}x{width} map (stride {stride}), {output}x{output}, "
-                f"forward + features' gradient", gradient(ops.roi.roi_align_matmul_backward),
-                gradient(tv_ops.roi_align), False)
     if op.startswith(("roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool")):
         n, channels, height, width, stride, output = (size[key] for key in
                                                       ("boxes", "channels", "height", "width", "stride", "output"))
         features = torch.randn(1, channels, height, width, generator=generator)
         boxes = [random_boxes(n, stride * height, stride * width, generator)]  # in the pixels of the image
         text = f"{n} boxes, 1x{channels}x{height}x{width} map (stride {stride}), {output}x{output}"
+        if op.startswith("roi_align_backward"):  # training: the forward and the features' gradient
+            upstream = torch.randn(n, channels, output, output, generator=generator)
+
+            def gradient(roi_align: Callable) -> Callable[[], torch.Tensor]:
+                def call() -> torch.Tensor:
+                    with torch.enable_grad():
+                        leaf = features.clone().requires_grad_()
+                        roi_align(leaf, boxes, output, 1 / stride, 2).backward(upstream)
+                    return leaf.grad
+                return call
+            return (f"{text}, forward + features' gradient", gradient(ops.roi.roi_align_matmul_backward),
+                    gradient(tv_ops.roi_align), False)
         name = op.rsplit("_", 1)[0]  # "ps_roi_align_7x7" -> "ps_roi_align"
         ours, theirs = getattr(ops, name), getattr(tv_ops, name)
         if name.endswith("pool"):

@@ -66,9 +66,9 @@ from typing import Sequence
 
 import torch
 
-from minis.ops.boxes import InvalidBoxesError, _float_compute_dtype
+from minis.ops.boxes import _float_compute_dtype
 from minis.ops.roi import (_CHUNK_ELEMENTS, _as_rois, _batch_indices, _bin_edges, _pair, _roi_align_chunk,
-                           _round_half_away, _sampling_grid)
+                           _round_half_away, _sampled_rois, _sampling_grid)
 
 Edges = tuple[torch.Tensor, torch.Tensor]  # the first and one-past-last cell of every bin along an axis
 
@@ -117,10 +117,7 @@ def ps_roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tenso
     """
     output_size = _pair(output_size)
     bin_channels = _bin_channels(input.shape[1], output_size, input.device, group_size)
-    rois = _as_rois(boxes, _float_compute_dtype(input.dtype), input.device)
-    batch_index = _batch_indices(rois, len(input))
-    if not torch.isfinite(rois).all():  # torchvision's kernel crashes on these
-        raise InvalidBoxesError("ps_roi_align needs finite boxes; these hold nan or inf (a diverged box regression?)")
+    rois, batch_index = _sampled_rois(boxes, input, "ps_roi_align")
     if len(rois) == 0:
         return input.new_zeros(0, len(bin_channels), *output_size)
     # torchvision's kernel shifts by half a cell and keeps tiny boxes tiny: exactly aligned=True

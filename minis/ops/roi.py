@@ -73,6 +73,18 @@ def _batch_indices(rois: torch.Tensor, batch_size: int) -> torch.Tensor:
     return index
 
 
+def _sampled_rois(boxes: torch.Tensor | Sequence[torch.Tensor], input: torch.Tensor,
+                  op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[K,5]`` rois for sampling ``input`` (float32 coordinates for float16/bfloat16 features: in
+    bfloat16 a coordinate of 300.3 is 300) and their image indices; boxes with nan or inf, on which
+    torchvision's kernels crash, raise :class:`InvalidBoxesError` naming ``op``."""
+    rois = _as_rois(boxes, _float_compute_dtype(input.dtype), input.device)
+    batch_index = _batch_indices(rois, len(input))
+    if not torch.isfinite(rois).all():
+        raise InvalidBoxesError(f"{op} needs finite boxes; these hold nan or inf (a diverged box regression?)")
+    return rois, batch_index
+
+
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -180,10 +192,7 @@ def roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor],
     """
     output_size = _pair(output_size)
     # float16/bfloat16 features: positions and weights in float32; the weighted sums promote to it
-    rois = _as_rois(boxes, _float_compute_dtype(input.dtype), input.device)
-    batch_index = _batch_indices(rois, len(input))
-    if not torch.isfinite(rois).all():  # torchvision's kernel crashes on these
-        raise InvalidBoxesError("roi_align needs finite boxes; these hold nan or inf (a diverged box regression?)")
+    rois, batch_index = _sampled_rois(boxes, input, "roi_align")
     if len(rois) == 0 or 0 in output_size:
         return input.new_zeros(len(rois), input.shape[1], *output_size)
     grid = _sampling_grid(rois, output_size, spatial_scale, sampling_ratio, aligned)
@@ -273,12 +282,11 @@ class _RoIAlignMatmulBackward(torch.autograd.Function):
         (top, span_y), (left, span_x) = _support(rows), _support(cols)
         # Each box touches only the cells under it: work on that window, padded to a power of two
         # so that boxes of similar size share one batched product (a few groups, not one per box).
-        bucket_y = torch.where(span_y > 0, 2 ** torch.ceil(torch.log2(span_y.clamp(min=1))), 0).long()
-        bucket_x = torch.where(span_x > 0, 2 ** torch.ceil(torch.log2(span_x.clamp(min=1))), 0).long()
-        bucket = bucket_y * (2 * width + 1) + bucket_x
-        for key in torch.unique(bucket[(bucket_y > 0) & (bucket_x > 0)]).tolist():
-            window_h, window_w = min(key // (2 * width + 1), height), min(key % (2 * width + 1), width)
-            boxes = torch.nonzero(bucket == key).flatten()
+        spans = torch.stack([span_y, span_x], dim=1)  # [K,2]; a box outside the map has a span of 0
+        buckets = torch.where(spans > 0, 2 ** torch.ceil(torch.log2(spans.clamp(min=1))), 0).long()
+        for bucket in torch.unique(buckets[(spans > 0).all(dim=1)], dim=0):
+            window_h, window_w = min(int(bucket[0]), height), min(int(bucket[1]), width)
+            boxes = torch.nonzero((buckets == bucket).all(dim=1)).flatten()
             chunk = max(1, _CHUNK_ELEMENTS // (channels * window_w * (pooled_h + window_h)))
             for part in boxes.split(chunk):
                 k = len(part)
@@ -307,9 +315,7 @@ def roi_align_matmul_backward(input: torch.Tensor, boxes: torch.Tensor | Sequenc
     output_size = _pair(output_size)
     if input.device.type != "cpu" or not (torch.is_grad_enabled() and input.requires_grad):
         return tv_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
-    rois = _as_rois(boxes, _float_compute_dtype(input.dtype), input.device)
-    if not torch.isfinite(rois).all():
-        raise InvalidBoxesError("roi_align needs finite boxes; these hold nan or inf (a diverged box regression?)")
+    rois, _ = _sampled_rois(boxes, input, "roi_align")
     return _RoIAlignMatmulBackward.apply(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
 
