@@ -68,7 +68,7 @@ from torchvision.ops import batched_nms  # compiled; minis.ops.batched_nms is th
 from minis.models import register
 from minis.models.config import config_from_kwargs
 from minis.models.rcnn import SHAPES_RECIPE as RCNN_SHAPES_RECIPE
-from minis.nn.detection import DetectionTransform, ImageBatch, training_targets
+from minis.nn.detection import DetectionTransform, ImageBatch, top_candidates_per_level, training_targets
 from minis.nn.fpn import BackboneFPN, backbone_fpn
 from minis.nn.losses import giou_loss, iou_loss, sigmoid_focal_loss
 from minis.ops import clip_boxes_to_image
@@ -385,15 +385,8 @@ class FCOS(nn.Module):
         num_foreground = scores_all.shape[-1]
         detections, kept = [], []
         for image, size in enumerate(image_sizes):
-            candidates, start = [], 0
-            for count in locations.counts:
-                scores = scores_all[image, start:start + count].flatten()
-                index = torch.nonzero(scores > cfg.score_thresh).squeeze(1)
-                top_scores, order = scores[index].topk(min(cfg.topk_candidates, len(index)))
-                candidates.append((index[order] + start * num_foreground, top_scores))
-                start += count
-            flat_index = torch.cat([c[0] for c in candidates])
-            scores = torch.cat([c[1] for c in candidates])
+            flat_index, scores = top_candidates_per_level(scores_all[image], locations.counts, cfg.score_thresh,
+                                                          cfg.topk_candidates)
             location = torch.div(flat_index, num_foreground, rounding_mode="floor")
             labels = flat_index % num_foreground + 1
             boxes = decode_distances(outputs.distances[image, location], locations.points[location],

@@ -9,7 +9,7 @@ the two can be trained side by side (``python -m minis bench rcnn-training`` / `
 A model file then holds only its architecture.
 
 Sections: the registry; renaming state-dict keys; the ResNet-FPN backbone both ways; Faster /
-Mask R-CNN; FCOS.
+Mask R-CNN; FCOS; RetinaNet.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 # importing them here makes no cycle that depends on the order of imports in minis.models.
 from minis.models.fcos import FCOS, FCOS_LEVELS, FCOSConfig
 from minis.models.rcnn import FasterRCNN, MaskRCNN, RCNNConfig
+from minis.models.retinanet import RetinaNet, RetinaNetConfig, anchor_sizes_per_level
 from minis.nn.fpn import BackboneFPN
 
 Converter = Callable[[torch.nn.Module], torch.nn.Module]
@@ -158,7 +159,7 @@ def _build_args(name: str, num_classes: int, backbone: BackboneFPN, config, defa
 def torchvision_twin(model: nn.Module) -> nn.Module:
     """The torchvision model with this minis detector's architecture, settings and weights; same mode.
 
-    The inverse of :func:`minis.models.from_torchvision` for Faster / Mask R-CNN and FCOS, for
+    The inverse of :func:`minis.models.from_torchvision` for Faster / Mask R-CNN, FCOS and RetinaNet, for
     any minis backbone (the small CPU ResNet included: torchvision's ``BackboneWithFPN`` wraps the
     same ResNet body). It lets the two implementations be trained side by side from the same
     starting point (``python -m minis bench rcnn-training`` / ``fcos-training``).
@@ -171,6 +172,8 @@ def torchvision_twin(model: nn.Module) -> nn.Module:
         return _rcnn_twin(model)
     if type(model) is FCOS:  # not CondInst
         return _fcos_twin(model)
+    if type(model) is RetinaNet:  # not YOLACT
+        return _retinanet_twin(model)
     raise TypeError(f"{type(model).__name__} has no torchvision counterpart")
 
 
@@ -354,3 +357,87 @@ def _fcos_twin(model: FCOS) -> nn.Module:
                            nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
                            topk_candidates=cfg.topk_candidates)
     return load_into_twin(twin, model, FCOS_KEY_MAP)
+
+
+# ----------------------------------------------------------------------------------------------
+# RetinaNet
+# ----------------------------------------------------------------------------------------------
+
+RETINANET_KEY_MAP = FPN_KEY_MAP + (
+    ("backbone.fpn.extra_blocks.", "backbone.fpn."),
+    ("head.classification_head.conv.", "head.cls_tower."),
+    ("head.classification_head.cls_logits.", "head.cls_logits."),
+    ("head.regression_head.conv.", "head.box_tower."),
+    ("head.regression_head.bbox_reg.", "head.deltas."),
+)
+
+
+def _retinanet_config(tv_model: nn.Module) -> RetinaNetConfig:
+    """The :class:`RetinaNetConfig` of a torchvision ``RetinaNet``; refuses layouts minis lacks."""
+    images = _transform_settings(tv_model.transform)
+    generator, head, matcher = tv_model.anchor_generator, tv_model.head, tv_model.proposal_matcher
+    sizes = tuple(tuple(level) for level in generator.sizes)
+    defaults = RetinaNetConfig()
+    bases = tuple(level[0] for level in sizes)
+    if sizes != anchor_sizes_per_level(bases, defaults.anchor_scales):
+        raise ValueError(f"the port expects anchor sizes int(base x 2^(k/3)), k = 0, 1, 2, per level; got {sizes}")
+    ratios = {tuple(r) for r in generator.aspect_ratios}
+    if len(ratios) != 1:
+        raise ValueError(f"the port expects the same aspect ratios on every level, got {generator.aspect_ratios}")
+    convs = [m for m in head.classification_head.conv.modules() if isinstance(m, nn.Conv2d)]
+    if any(isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)) for m in head.modules()):
+        raise ValueError("the port expects the paper's head without normalisation (retinanet_resnet50_fpn, not _v2)")
+    if not matcher.allow_low_quality_matches:
+        raise ValueError("the port expects the matcher to keep each object's best anchors (allow_low_quality_matches)")
+    loss_type = head.regression_head._loss_type
+    if loss_type not in ("l1", "smooth_l1", "giou"):
+        raise ValueError(f"minis RetinaNet has no {loss_type!r} box loss")
+    return RetinaNetConfig(
+        **images, anchor_sizes=bases, aspect_ratios=ratios.pop(), head_convs=len(convs),
+        fg_iou_thresh=matcher.high_threshold, bg_iou_thresh=matcher.low_threshold, box_loss=loss_type,
+        smooth_l1_beta=1.0 if loss_type == "smooth_l1" else defaults.smooth_l1_beta,  # torchvision's beta
+        score_thresh=tv_model.score_thresh, nms_thresh=tv_model.nms_thresh,
+        detections_per_img=tv_model.detections_per_img, topk_candidates=tv_model.topk_candidates)
+
+
+@register_port("RetinaNet")
+def from_torchvision_retinanet(tv_model: nn.Module) -> RetinaNet:
+    """torchvision's ``retinanet_resnet50_fpn`` (any weights) as a minis :class:`RetinaNet`: same weights, outputs."""
+    num_classes = tv_model.head.classification_head.num_classes
+    config = _retinanet_config(tv_model)
+    backbone = backbone_fpn_from_torchvision(tv_model.backbone, levels=FCOS_LEVELS, top="p6p7")
+    model = RetinaNet(backbone, num_classes, config)
+    model.load_state_dict({rename_keys(k, RETINANET_KEY_MAP): v for k, v in tv_model.state_dict().items()},
+                          strict=True)
+    model.build_args = _build_args("retinanet", num_classes, backbone, config, RetinaNetConfig)
+    return model.train(tv_model.training)
+
+
+def _retinanet_twin(model: RetinaNet) -> nn.Module:
+    """torchvision's ``RetinaNet`` for a minis one (see :func:`torchvision_twin`)."""
+    from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
+    from torchvision.models.detection.retinanet import RetinaNetHead as TorchvisionRetinaNetHead
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+
+    cfg = model.config
+    if tuple(cfg.anchor_scales) != RetinaNetConfig().anchor_scales:
+        raise ValueError("the twin expects torchvision's anchor scales 2^(k/3), k = 0, 1, 2")
+    if (cfg.focal_alpha, cfg.focal_gamma) != (0.25, 2.0) or cfg.prior_probability != 0.01:
+        raise ValueError("torchvision's RetinaNet uses the focal loss with alpha 0.25 and gamma 2, prior 0.01")
+    if cfg.box_loss == "smooth_l1" and cfg.smooth_l1_beta != 1.0:
+        raise ValueError("torchvision's smooth L1 box loss has beta 1")
+    backbone = torchvision_backbone_with_fpn(model.backbone)
+    sizes = anchor_sizes_per_level(cfg.anchor_sizes, cfg.anchor_scales)
+    generator = TorchvisionAnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * len(sizes))
+    head = TorchvisionRetinaNetHead(backbone.out_channels, model.num_anchors, model.num_classes)
+    if cfg.head_convs != 4:  # torchvision's head always has four; rebuild its towers with the minis count
+        for tower in (head.classification_head.conv, head.regression_head.conv):
+            del tower[cfg.head_convs:]
+    head.regression_head._loss_type = cfg.box_loss
+    twin = TorchvisionRetinaNet(backbone, num_classes=model.num_classes, anchor_generator=generator, head=head,
+                                min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(cfg.image_mean),
+                                image_std=list(cfg.image_std), score_thresh=cfg.score_thresh,
+                                nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
+                                fg_iou_thresh=cfg.fg_iou_thresh, bg_iou_thresh=cfg.bg_iou_thresh,
+                                topk_candidates=cfg.topk_candidates)
+    return load_into_twin(twin, model, RETINANET_KEY_MAP)

@@ -267,3 +267,27 @@ def sample_balanced(labels: list[torch.Tensor], per_image: int, positive_fractio
         positives.append(positive_mask)
         negatives.append(negative_mask)
     return positives, negatives
+
+
+def top_candidates_per_level(scores: torch.Tensor, counts: Sequence[int], threshold: float, k: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-stage detectors' candidate selection for one image, before NMS.
+
+    ``scores [N,K]`` hold every location's (or anchor's) score per class, levels one after the
+    other (``counts`` rows each). On each level, the (row, class) pairs scoring above
+    ``threshold`` and among its ``k`` best are kept: a fine level has many more rows than a
+    coarse one, and without a per-level limit it would fill the list alone.
+
+    Returns ``flat [D]`` (``row * K + class``) and their scores ``[D]``, level by level, each
+    level's in decreasing score order (RetinaNet's and FCOS's rule, as torchvision applies it).
+    """
+    num_classes = scores.shape[1]
+    chosen, chosen_scores, start = [], [], 0
+    for count in counts:
+        level = scores[start:start + count].flatten()
+        index = torch.nonzero(level > threshold).squeeze(1)
+        top_scores, order = level[index].topk(min(k, len(index)))
+        chosen.append(index[order] + start * num_classes)
+        chosen_scores.append(top_scores)
+        start += count
+    return torch.cat(chosen), torch.cat(chosen_scores)
