@@ -113,3 +113,4 @@ from minis.models import fcis  # noqa: E402,F401
 from minis.models import fcos  # noqa: E402,F401
 from minis.models import condinst  # noqa: E402,F401
 from minis.models import retinanet  # noqa: E402,F401
+from minis.models import yolact  # noqa: E402,F401

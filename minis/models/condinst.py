@@ -60,10 +60,9 @@ from minis.models.config import config_from_kwargs
 from minis.models.fcos import SHAPES_RECIPE as FCOS_SHAPES_RECIPE
 from minis.models.fcos import (FCOS, FCOSConfig, HeadOutputs, Locations, build_fcos_backbone,
                                first_object_index, make_locations)
-from minis.nn.detection import ImageBatch, resize_boxes
+from minis.nn.detection import ImageBatch, postprocess_image_masks
 from minis.nn.fpn import BackboneFPN
 from minis.nn.losses import dice_loss, sigmoid_focal_loss
-from minis.ops.masks import detection_masks, resize_masks
 
 
 @dataclass
@@ -290,17 +289,8 @@ class CondInst(FCOS):
 
     def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
                     original_sizes: list[tuple[int, int]]) -> list[dict]:
-        """Boxes and whole-image masks back to the original image's pixels.
-
-        Inside :func:`minis.ops.masks.rle_masks` the masks come out as COCO RLEs, resized a chunk of
-        detections at a time (see :func:`minis.ops.masks.detection_masks`).
-        """
-        for detection, size, original in zip(detections, image_sizes, original_sizes):
-            detection["boxes"] = resize_boxes(detection["boxes"], size, original)
-            masks = detection["masks"]
-            detection["masks"] = detection_masks(len(masks), original,
-                                                 lambda part: resize_masks(masks[part], original))
-        return detections
+        """Boxes and whole-image masks back to the original image's pixels."""
+        return postprocess_image_masks(detections, image_sizes, original_sizes)
 
 
 def mask_targets(masks: torch.Tensor, stride: int, sampled: bool = False) -> torch.Tensor:

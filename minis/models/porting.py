@@ -422,6 +422,8 @@ def _retinanet_twin(model: RetinaNet) -> nn.Module:
     cfg = model.config
     if tuple(cfg.anchor_scales) != RetinaNetConfig().anchor_scales:
         raise ValueError("the twin expects torchvision's anchor scales 2^(k/3), k = 0, 1, 2")
+    if cfg.anchor_offset != 0.0 or tuple(cfg.box_weights) != (1.0, 1.0, 1.0, 1.0):
+        raise ValueError("torchvision's RetinaNet has anchors at offset 0 and box weights (1, 1, 1, 1)")
     if (cfg.focal_alpha, cfg.focal_gamma) != (0.25, 2.0) or cfg.prior_probability != 0.01:
         raise ValueError("torchvision's RetinaNet uses the focal loss with alpha 0.25 and gamma 2, prior 0.01")
     if cfg.box_loss == "smooth_l1" and cfg.smooth_l1_beta != 1.0:

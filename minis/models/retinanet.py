@@ -81,6 +81,8 @@ class RetinaNetConfig:
     anchor_sizes: tuple[float, ...] = (32, 64, 128, 256, 512)
     anchor_scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    anchor_offset: float = 0.0  # anchors at their cells' top-left corners (torchvision's); 0.5: the centres
+    box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # BoxCoder weights of the offsets
     # head
     head_convs: int = 4  # 3x3 conv + ReLU layers in each subnet
     prior_probability: float = 0.01  # every class starts at this probability
@@ -181,9 +183,9 @@ class RetinaNet(nn.Module):
         self.transform = DetectionTransform(config.min_size, config.max_size, config.image_mean, config.image_std)
         self.backbone = backbone
         self.anchor_generator = AnchorGenerator(anchor_sizes_per_level(config.anchor_sizes, config.anchor_scales),
-                                                tuple(config.aspect_ratios))
+                                                tuple(config.aspect_ratios), config.anchor_offset)
         self.num_anchors = len(config.anchor_scales) * len(config.aspect_ratios)
-        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.box_coder = BoxCoder(tuple(config.box_weights))
         self.head = self.build_head()
 
     def build_head(self) -> nn.Module:
@@ -208,7 +210,7 @@ class RetinaNet(nn.Module):
         counts = [f.shape[-2] * f.shape[-1] * self.num_anchors for f in features]
         detections, kept = self.detect(outputs, anchors, counts, batch.image_sizes)
         self.add_branch_outputs(batch, features, outputs, detections, kept)
-        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+        return self.postprocess(detections, batch.image_sizes, original_sizes)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -289,6 +291,11 @@ class RetinaNet(nn.Module):
     def add_branch_outputs(self, batch: ImageBatch, features: list[torch.Tensor], outputs,
                            detections: list[dict], kept: list[torch.Tensor]) -> None:
         """Outputs of the branches a subclass adds, written into ``detections``. None here."""
+
+    def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
+                    original_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Boxes back to the original image's pixels."""
+        return self.transform.postprocess(detections, image_sizes, original_sizes)
 
 
 # The settings on the 128-pixel shapes benchmark for a 2-core CPU, as for FCOS: the small

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minis.nn.layers import IMAGENET_MEAN, IMAGENET_STD
-from minis.ops.masks import detection_masks, paste_masks_in_image
+from minis.ops.masks import detection_masks, paste_masks_in_image, resize_masks
 
 BELOW_LOW_THRESHOLD = -1  # match_boxes: IoU below the background threshold
 BETWEEN_THRESHOLDS = -2  # match_boxes: neither object nor background; ignored by the loss
@@ -291,3 +291,18 @@ def top_candidates_per_level(scores: torch.Tensor, counts: Sequence[int], thresh
         chosen_scores.append(top_scores)
         start += count
     return torch.cat(chosen), torch.cat(chosen_scores)
+
+
+def postprocess_image_masks(detections: list[dict], image_sizes: list[tuple[int, int]],
+                            original_sizes: list[tuple[int, int]]) -> list[dict]:
+    """Boxes and whole-image masks ``[N,1,h,w]`` (the resized image's) back to the original image's pixels.
+
+    For models whose masks cover the image rather than a box (CondInst, YOLACT). Inside
+    :func:`minis.ops.masks.rle_masks` the masks come out as COCO RLEs, resized a chunk of
+    detections at a time (see :func:`minis.ops.masks.detection_masks`).
+    """
+    for detection, size, original in zip(detections, image_sizes, original_sizes):
+        detection["boxes"] = resize_boxes(detection["boxes"], size, original)
+        masks = detection["masks"]
+        detection["masks"] = detection_masks(len(masks), original, lambda part: resize_masks(masks[part], original))
+    return detections

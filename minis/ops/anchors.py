@@ -29,16 +29,22 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float],
     return (torch.stack([-widths, -heights, widths, heights], dim=1) / 2).round()
 
 
-def grid_anchors(base: torch.Tensor, grid_size: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
+def grid_anchors(base: torch.Tensor, grid_size: Sequence[int], stride: Sequence[int], offset: float = 0.0
+                 ) -> torch.Tensor:
     """Every anchor of ``base [A,4]`` at every position of a ``(h, w)`` grid: ``[h*w*A, 4]``.
 
-    Position ``(i, j)`` is the image point ``(j * stride_x, i * stride_y)``; the anchors of one
-    position are consecutive, positions in row-major order (the order a head's
-    ``[B, A*4, h, w]`` output has once permuted to ``[B, h, w, A, 4]``).
+    Position ``(i, j)`` is the image point ``((j + offset) * stride_x, (i + offset) * stride_y)``:
+    the cell's top-left corner by default (torchvision's), its centre with ``offset=0.5`` (SSD's and
+    YOLACT's). The anchors of one position are consecutive, positions in row-major order (the order
+    a head's ``[B, A*4, h, w]`` output has once permuted to ``[B, h, w, A, 4]``).
     """
     (height, width), (stride_y, stride_x) = grid_size, stride
-    xs = torch.arange(width, dtype=torch.int32, device=base.device) * stride_x
-    ys = torch.arange(height, dtype=torch.int32, device=base.device) * stride_y
+    # whole pixels in int32 at offset 0, exactly as torchvision computes them
+    xs = torch.arange(width, dtype=torch.int32, device=base.device)
+    ys = torch.arange(height, dtype=torch.int32, device=base.device)
+    if offset:
+        xs, ys = xs.to(base.dtype) + offset, ys.to(base.dtype) + offset
+    xs, ys = xs * stride_x, ys * stride_y
     y, x = torch.meshgrid(ys, xs, indexing="ij")
     centres = torch.stack([x, y, x, y], dim=-1).reshape(-1, 1, 4)  # [h*w, 1, 4]
     return (centres + base[None]).reshape(-1, 4)
@@ -50,14 +56,16 @@ class AnchorGenerator(nn.Module):
     ``sizes`` holds one tuple of sizes per feature map, ``aspect_ratios`` one tuple of ratios per
     feature map (or a single tuple for all). ``forward(image_list, feature_maps)`` takes anything
     with ``.tensors [B,3,H,W]`` and ``.image_sizes`` (torchvision's ``ImageList``) and returns a
-    list of ``[sum over levels of h*w*A, 4]`` tensors, one per image. The stride of a level is the
+    list of ``[sum over levels of h*w*A, 4]`` tensors, one per image; ``offset`` places them in
+    their cells (:func:`grid_anchors`, 0 as torchvision). The stride of a level is the
     padded batch size divided by the map size (integer division). One difference: the anchors of
     float16/bfloat16 feature maps (mixed precision) are float32, not the maps' type.
     """
 
     def __init__(self, sizes: Sequence[Sequence[float]] = ((128, 256, 512),),
-                 aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),)) -> None:
+                 aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),), offset: float = 0.0) -> None:
         super().__init__()
+        self.offset = offset  # where the anchors sit in their cell, in strides (see grid_anchors)
         if not isinstance(sizes[0], (list, tuple)):
             sizes = tuple((size,) for size in sizes)
         if not isinstance(aspect_ratios[0], (list, tuple)):
@@ -81,6 +89,6 @@ class AnchorGenerator(nn.Module):
         for feature_map, sizes, ratios in zip(feature_maps, self.sizes, self.aspect_ratios):
             grid = feature_map.shape[-2:]
             stride = (image_height // grid[0], image_width // grid[1])
-            levels.append(grid_anchors(cell_anchors(sizes, ratios, dtype, device), grid, stride))
+            levels.append(grid_anchors(cell_anchors(sizes, ratios, dtype, device), grid, stride, self.offset))
         anchors = torch.cat(levels)
         return [anchors for _ in image_list.image_sizes]
