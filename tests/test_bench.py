@@ -205,8 +205,8 @@ def test_ops_rows_agree_with_torchvision(one_thread):
 
 
 def test_rcnn_and_ops_refuse_what_they_cannot_time():
-    with pytest.raises(ValueError, match="no detection port to benchmark for retinanet_resnet50_fpn"):
-        bench.bench_rcnn(["retinanet_resnet50_fpn"], progress=False)
+    with pytest.raises(ValueError, match="no detection port to benchmark for ssd300_vgg16"):
+        bench.bench_rcnn(["ssd300_vgg16"], progress=False)
     with pytest.raises(ValueError, match="runs must be at least 1"):
         bench.bench_rcnn(runs=0, progress=False)
     with pytest.raises(ValueError, match="unknown op 'roi_align'"):
@@ -244,7 +244,7 @@ def test_rcnn_command_prints_both_tables_and_writes_json(tmp_path, capsys, one_t
     (["--ops", "roi_align"], "unknown op 'roi_align'; choose from box_iou, "),
     (["--runs", "0"], "--runs must be at least 1"),
     (["--op-runs", "0", "--ops-only"], "--op-runs must be at least 1"),
-    (["--models", "retinanet_resnet50_fpn", "--no-ops"], "no detection port to benchmark for retinanet_resnet50_fpn"),
+    (["--models", "ssd300_vgg16", "--no-ops"], "no detection port to benchmark for ssd300_vgg16"),
 ])
 def test_rcnn_command_reports_mistakes_in_one_line(capsys, argv, message):
     assert main(["bench", "rcnn", *argv]) == 2
@@ -310,6 +310,15 @@ def test_fcos_port_is_timed_against_torchvision_with_the_same_detections_and_los
     assert set(training["minis_losses"]) == {"loss_classifier", "loss_box_giou", "loss_centerness"}
 
 
+def test_retinanet_port_is_timed_against_torchvision_with_the_same_detections_and_losses(one_thread):
+    rows = bench.bench_rcnn(["retinanet_resnet50_fpn"], image_size=(96, 128), min_size=64, max_size=96, runs=1,
+                            progress=False)
+    inference, training = rows
+    assert inference["outputs"] == "300 detections, same labels" and inference["max_abs_diff"] <= 1e-4
+    assert training["outputs"] == "2 losses" and training["max_abs_diff"] <= 1e-4
+    assert set(training["minis_losses"]) == {"loss_classifier", "loss_box_reg"}
+
+
 def test_condinst_bench_times_three_models_and_the_growth_with_instances(capsys, tmp_path, one_thread):
     out = tmp_path / "condinst.json"
     argv = ["bench", "condinst", "--image-size", "96", "128", "--min-size", "64", "--max-size", "96", "--runs", "1",
@@ -347,6 +356,32 @@ def test_fcis_bench_times_fcis_against_mask_rcnn_on_one_body(capsys, tmp_path, o
     assert main(["bench", "fcis", "--runs", "0"]) == 2
 
 
+def test_yolact_bench_times_yolact_against_mask_rcnn_and_fast_nms_against_nms(capsys, tmp_path, one_thread):
+    out = tmp_path / "yolact.json"
+    argv = ["bench", "yolact", "--image-size", "96", "128", "--min-size", "64", "--max-size", "96", "--runs", "1",
+            "--instances", "1", "3", "--detections", "3", "--json", str(out)]
+    assert main(argv) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["model", "step", "input", "params", "ms", "vs_mask_rcnn"] in lines
+    written = json.loads(out.read_text())
+    assert [(row["model"], row["step"]) for row in written["models"]] == [
+        (model, step) for step in ("inference", "train step") for model in ("yolact", "mask_rcnn")]
+    assert [row["instances"] for row in written["instances"]] == [1, 3]
+    fast, greedy, compiled = written["fast_nms"]
+    assert greedy["kept"] == compiled["kept"] and 0 < fast["kept"] < greedy["kept"]  # Fast NMS keeps a subset
+    assert compiled["vs_torchvision"] == 1.0
+
+
+def test_clustered_detections_overlap_within_a_class():
+    from minis.bench.yolact import clustered_detections
+
+    boxes, scores, labels = clustered_detections(3, 50, 200, torch.Generator().manual_seed(0))
+    assert boxes.shape == (150, 4) and scores.shape == (150,) and labels.bincount().tolist() == [50, 50, 50]
+    assert (boxes[:, 2:] >= boxes[:, :2]).all() and boxes.min() >= 0 and boxes.max() <= 200
+    iou = torchvision.ops.box_iou(boxes[:50], boxes[:50])
+    assert (iou > 0.5).sum() > 100  # jittered copies of a few objects: many overlapping pairs
+
+
 def test_instance_cost_models_share_one_body():
     from minis.bench.condinst import _one_stage_and_two_stage
     from minis.bench.fcis import _fcis_and_mask_rcnn
@@ -365,7 +400,8 @@ def test_instance_cost_models_share_one_body():
 # The package: one module per suite, recipes beside the models
 # --------------------------------------------------------------------------------------------
 
-SUITE_COMMANDS = ["semantic", "rcnn", "rcnn-training", "fcos-training", "ms-rcnn", "condinst", "fcis", "gpu", "stability"]
+SUITE_COMMANDS = ["semantic", "rcnn", "rcnn-training", "fcos-training", "ms-rcnn", "condinst", "fcis", "yolact", "gpu",
+                  "stability"]
 
 
 @pytest.mark.parametrize("suite", SUITE_COMMANDS)

@@ -13,6 +13,8 @@ suite (module)          what it measures
                         (:mod:`minis.bench.mask_scoring`)
 ``condinst``            CondInst against FCOS and Mask R-CNN, and as the instances grow
 ``fcis``                FCIS against Mask R-CNN on the same body, and as the detections grow
+``yolact``              YOLACT against Mask R-CNN on the same body, and as the detections
+                        grow; Fast NMS against greedy NMS (minis and torchvision)
 ``gpu``                 every model trained a few mixed-precision steps and run on CUDA, its
                         outputs checked; Mask R-CNN and FCOS against torchvision there
 ``stability``           each chapter's headline model re-trained by the chapter's recipe over
@@ -47,10 +49,12 @@ from minis.bench.stability import HEADLINES, RUN_COLUMNS, SUMMARY_COLUMNS, bench
 from minis.bench.semantic import (PORT_COLUMNS, PORTED_MODELS, SEMANTIC_COLUMNS, SEMANTIC_MODELS, bench_ports,
                                   bench_semantic, resolve_models)
 from minis.bench.twin_training import RCNN_TRAINING_COLUMNS, bench_rcnn_training, bench_twin_training
+from minis.bench.yolact import (FAST_NMS_COLUMNS, YOLACT_COLUMNS, YOLACT_INSTANCE_COLUMNS, bench_fast_nms,
+                                bench_yolact)
 from minis.data.shapes import SEMANTIC_SHAPES
 
 # The suite modules, in the order ``python -m minis bench --help`` lists their commands.
-SUITES = ("semantic", "rcnn", "twin_training", "mask_scoring", "condinst", "fcis", "gpu", "stability")
+SUITES = ("semantic", "rcnn", "twin_training", "mask_scoring", "condinst", "fcis", "yolact", "gpu", "stability")
 
 
 def add_parsers(bench: argparse.ArgumentParser) -> None:
@@ -72,6 +76,7 @@ __all__ = [
     "RCNN_TRAINING_COLUMNS", "bench_twin_training", "bench_rcnn_training",
     "MASK_SCORING_COLUMNS", "bench_mask_scoring", "mask_scoring_means",
     "CONDINST_COLUMNS", "INSTANCE_COLUMNS", "bench_condinst", "FCIS_COLUMNS", "FCIS_INSTANCE_COLUMNS", "bench_fcis",
+    "YOLACT_COLUMNS", "YOLACT_INSTANCE_COLUMNS", "FAST_NMS_COLUMNS", "bench_yolact", "bench_fast_nms",
     "GPU_COLUMNS", "bench_gpu",
     "HEADLINES", "RUN_COLUMNS", "SUMMARY_COLUMNS", "bench_stability", "stability_summary",
 ]

@@ -34,10 +34,14 @@ from minis.cli import UserError
 
 # torchvision detection models minis can port, and the rows of the detection-ops table with their
 # default sizes: those of Mask R-CNN R50-FPN on an 800 x 1088 batch (IoU thresholds in percent).
-RCNN_MODELS = ("maskrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn", "fcos_resnet50_fpn")
+RCNN_MODELS = ("maskrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn", "fcos_resnet50_fpn", "retinanet_resnet50_fpn")
 # torchvision's FCOS loss names -> minis'
 FCOS_LOSS_NAMES = {"classification": "loss_classifier", "bbox_regression": "loss_box_giou",
                    "bbox_ctrness": "loss_centerness"}
+# torchvision's loss names -> minis', for the models whose names differ
+LOSS_NAMES = {"fcos_resnet50_fpn": FCOS_LOSS_NAMES,
+              "retinanet_resnet50_fpn": {"classification": "loss_classifier", "bbox_regression": "loss_box_reg"}}
+ONE_STAGE = ("fcos_resnet50_fpn", "retinanet_resnet50_fpn")  # P3-P7, P6 from P5; a background column
 _ROI = {"boxes": 512, "channels": 256, "height": 200, "width": 272, "stride": 4}  # FPN level P2
 OP_SIZES: dict[str, dict[str, int]] = {
     "box_iou": {"boxes": 1000},
@@ -73,7 +77,8 @@ OP_COLUMNS = [("op", ""), ("input", ""), ("minis_ms", ".2f"), ("torchvision_ms",
 
 def torchvision_rcnn(name: str = "maskrcnn_resnet50_fpn", num_classes: int = 91, seed: int = 0,
                      **settings: Any) -> nn.Module:
-    """torchvision's ``maskrcnn_resnet50_fpn`` / ``fasterrcnn_resnet50_fpn`` / ``fcos_resnet50_fpn`` as
+    """torchvision's ``maskrcnn_resnet50_fpn`` / ``fasterrcnn_resnet50_fpn`` / ``fcos_resnet50_fpn`` /
+    ``retinanet_resnet50_fpn`` as
     its COCO recipe builds it, with random weights drawn from ``seed``.
 
     The recipe starts from an ImageNet backbone, so torchvision's builder then uses
@@ -83,9 +88,10 @@ def torchvision_rcnn(name: str = "maskrcnn_resnet50_fpn", num_classes: int = 91,
     that the port's normalisation is really used. ``settings`` are the detector's keyword
     arguments (``min_size``, ``max_size``, ...); the rest are torchvision's defaults.
 
-    FCOS's background column (label 0, never a positive in training) gets a bias of -20, as
-    training would leave it: with random weights it would otherwise yield detections of label
-    0, which minis never reports.
+    The one-stage models' background column (label 0, never a positive in training) gets a bias
+    of -20, as training would leave it: with random weights it would otherwise yield detections
+    of label 0, which minis never reports. RetinaNet's other classes start at -1 instead of its
+    prior's -4.6, which leaves every random score under the 0.05 threshold and nothing to compare.
     """
     from torchvision.models import detection
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -93,12 +99,12 @@ def torchvision_rcnn(name: str = "maskrcnn_resnet50_fpn", num_classes: int = 91,
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
     builders = {"maskrcnn_resnet50_fpn": detection.MaskRCNN, "fasterrcnn_resnet50_fpn": detection.FasterRCNN,
-                "fcos_resnet50_fpn": detection.FCOS}
+                "fcos_resnet50_fpn": detection.FCOS, "retinanet_resnet50_fpn": detection.RetinaNet}
     if name not in builders:
         raise ValueError(f"no detection port to benchmark for {name!r}; choose from {', '.join(RCNN_MODELS)}")
     torch.manual_seed(seed)
     layout = ({"returned_layers": [2, 3, 4], "extra_blocks": LastLevelP6P7(256, 256)}
-              if name == "fcos_resnet50_fpn" else {})
+              if name in ONE_STAGE else {})
     backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
                                    trainable_layers=3, **layout)
     model = builders[name](backbone, num_classes=num_classes, **settings)
@@ -107,9 +113,12 @@ def torchvision_rcnn(name: str = "maskrcnn_resnet50_fpn", num_classes: int = 91,
             if isinstance(module, FrozenBatchNorm2d):
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.8, 1.2)
-        if name == "fcos_resnet50_fpn":
-            model.head.classification_head.cls_logits.weight[0] = 0.0
-            model.head.classification_head.cls_logits.bias[0] = -20.0
+        if name in ONE_STAGE:
+            logits = model.head.classification_head.cls_logits
+            if name == "retinanet_resnet50_fpn":
+                logits.bias.fill_(-1.0)
+            logits.weight[::num_classes] = 0.0  # column 0 of every anchor
+            logits.bias[::num_classes] = -20.0
     return model
 
 
@@ -171,7 +180,7 @@ def _rcnn_train_row(name: str, ours: nn.Module, reference: nn.Module, image_size
         return {key: value.item() for key, value in losses.items()}  # .item() waits for the GPU
 
     expected, got = step(reference), step(ours)  # the comparison is also each model's warm-up call
-    expected = {FCOS_LOSS_NAMES.get(key, key): value for key, value in expected.items()}
+    expected = {LOSS_NAMES.get(name, {}).get(key, key): value for key, value in expected.items()}
     same_names = set(got) == set(expected)
     max_abs_diff = max(abs(got[key] - expected[key]) for key in expected) if same_names else None
     minis_ms, torchvision_ms = interleaved_median_ms([lambda: step(ours), lambda: step(reference)], runs, warmup)
@@ -201,8 +210,9 @@ def bench_rcnn(
     """Mask R-CNN, minis against torchvision with the same weights, measured in one run.
 
     For each torchvision model in ``names`` (:data:`RCNN_MODELS`: ``maskrcnn_resnet50_fpn``,
-    ``fasterrcnn_resnet50_fpn``, ``fcos_resnet50_fpn``): build it with random weights (:func:`torchvision_rcnn`,
-    ``num_classes`` classes, torchvision's default settings but ``min_size``/``max_size``), port it
+    ``fasterrcnn_resnet50_fpn``, ``fcos_resnet50_fpn``, ``retinanet_resnet50_fpn``): build it with random
+    weights (:func:`torchvision_rcnn`, ``num_classes`` classes, torchvision's default settings but
+    ``min_size``/``max_size``), port it
     with :func:`minis.models.from_torchvision` and measure two rows:
 
     - ``inference``: eval mode, no gradients, one random ``3 x H x W`` image (``image_size``, a
@@ -422,7 +432,7 @@ def add_parser(suites: argparse._SubParsersAction) -> None:
     parser = suites.add_parser("rcnn",
                                help="Mask R-CNN (or FCOS) and minis.ops against torchvision: speed and agreement")
     parser.add_argument("--models", nargs="+", default=["maskrcnn_resnet50_fpn"], metavar="TV_MODEL",
-                        help="maskrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn, fcos_resnet50_fpn (default: the first)")
+                        help=f"{', '.join(RCNN_MODELS)} (default: the first)")
     parser.add_argument("--runs", type=int, default=4, help="timed rounds per model and step (median; the order flips "
                                                             "each round, so even is fairer; default 4)")
     parser.add_argument("--min-size", type=int, default=800, help="short side the models resize to (default 800)")
