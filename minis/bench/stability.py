@@ -186,7 +186,7 @@ HEADLINES: dict[str, Headline] = {h.chapter: h for h in (
     Headline("unet", "U-Net mIoU", 0.80, _unet),
     Headline("deeplab_pspnet", "deeplabv3plus mIoU", 0.85, _deeplab_pspnet),
     Headline("mask_rcnn", "mask_rcnn mask AP", 0.50, _instance_chapter("mask_rcnn", "rcnn", "mask")),
-    Headline("ms_rcnn", "ms_rcnn mask AP", 0.50, _instance_chapter("ms_rcnn", "ms_rcnn", "mask", epochs=5)),
+    Headline("ms_rcnn", "ms_rcnn mask AP", 0.50, _instance_chapter("ms_rcnn", "ms_rcnn", "mask", epochs=4)),
     Headline("fcis", "fcis mask AP", 0.50, _instance_chapter("fcis", "fcis", "mask")),
     Headline("fcos", "fcos box AP", 0.65, _instance_chapter("fcos", "fcos", "box")),
     Headline("condinst", "condinst mask AP", 0.50,
