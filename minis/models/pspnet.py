@@ -129,6 +129,6 @@ def pspnet(num_classes: int, backbone: str = "small", bins: Sequence[int] = (1, 
 
 # The DeepLab/PSPNet chapter's options for PSPNet (its auxiliary loss is on by default; the small
 # backbone's shipped pretrained weights, as for DeepLab) and its recipe: the semantic chapters'
-# (SEMANTIC_SHAPES_RECIPE) for 8 epochs, as for DeepLab v3 and v3+.
+# (SEMANTIC_SHAPES_RECIPE) for 6 epochs, as for DeepLab v3 and v3+.
 SHAPES_OPTIONS: dict = {"head_channels": 64, "pretrained_backbone": True}
-SHAPES_RECIPE: dict = {**SEMANTIC_SHAPES_RECIPE, "epochs": 8, "channels_last": True}
+SHAPES_RECIPE: dict = {**SEMANTIC_SHAPES_RECIPE, "epochs": 6, "channels_last": True}
