@@ -160,6 +160,18 @@ def test_rescoring_changes_only_the_mask_scores() -> None:
     assert "loss_mask_iou" in losses and torch.isfinite(losses["loss_mask_iou"])
 
 
+def test_the_rescoring_net_starts_alive_at_a_middling_iou() -> None:
+    """Its last layer has a ReLU: started below zero, a class's prediction would stay 0 for good."""
+    from minis.models.yolact import MaskRescorer
+
+    torch.manual_seed(0)
+    rescorer = MaskRescorer(5)
+    masks = (torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    predicted = rescorer(torch.cat([masks, torch.zeros(1, 1, 32, 32)]))
+    assert predicted.shape == (7, 5)
+    torch.testing.assert_close(predicted, torch.full_like(predicted, 0.5), atol=0.05, rtol=0)
+
+
 def test_fast_nms_keeps_a_subset_of_standard_nms() -> None:
     torch.manual_seed(0)
     fast = minis.models.build("yolact", num_classes=3, **SMALL, score_thresh=0.01, detections_per_img=300).eval()
