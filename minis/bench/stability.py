@@ -191,6 +191,7 @@ HEADLINES: dict[str, Headline] = {h.chapter: h for h in (
     Headline("fcos", "fcos box AP", 0.65, _instance_chapter("fcos", "fcos", "box")),
     Headline("condinst", "condinst mask AP", 0.50,
              _instance_chapter("condinst", "condinst", "mask", extra=_condinst_without_coordinates)),
+    Headline("yolact", "yolact mask AP", 0.50, _instance_chapter("yolact", "yolact", "mask")),
 )}
 
 
