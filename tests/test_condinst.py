@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import minis.models
 from minis.models.condinst import (CondInst, count_dynamic_params, dynamic_layer_shapes, mask_targets,
                                    run_dynamic_heads, split_dynamic_params, upsample_aligned)
-from test_fcos import scene
+from test_fcos import fit_two_scenes
 from test_rcnn import random_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -159,24 +159,7 @@ def test_condinst_learns_the_masks_of_two_images() -> None:
     """120 steps on two images: each object's mask is found, not its neighbour's."""
     torch.manual_seed(0)
     model = minis.models.build("condinst", num_classes=3, **SMALL).train()
-    red, blue = (0.9, 0.3, 0.1), (0.1, 0.3, 0.9)
-    boxes = [[(40, 30, 80, 90), (90, 10, 120, 40)], [(10, 60, 60, 110), (70, 70, 100, 120)]]
-    images = [scene(boxes[0], [red, blue]), scene(boxes[1], [blue, red])]
-    targets = []
-    for image_boxes, labels in zip(boxes, ([2, 1], [1, 2])):
-        masks = torch.zeros(len(image_boxes), 128, 128, dtype=torch.uint8)
-        for k, (x1, y1, x2, y2) in enumerate(image_boxes):
-            masks[k, y1:y2, x1:x2] = 1
-        targets.append({"boxes": torch.tensor(image_boxes, dtype=torch.float32), "labels": torch.tensor(labels),
-                        "masks": masks})
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(120):
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        detections = model.eval()(images)
+    _, detections, targets = fit_two_scenes(model, steps=120, lr=2e-3, check_boxes=False)
     for detection, target in zip(detections, targets):
         predicted = detection["masks"][:, 0] >= 0.5  # [D,H,W]
         truth = target["masks"].bool()

@@ -39,7 +39,7 @@ def _yolact_and_mask_rcnn(num_classes: int, seed: int, min_size: int, max_size: 
     sizes = {"min_size": min_size, "max_size": max_size}
     models = {"yolact": minis.models.build("yolact", num_classes, **sizes, score_thresh=0.0),
               "mask_rcnn": minis.models.build("mask_rcnn", num_classes, **sizes, box_score_thresh=0.0)}
-    share_body(models, {name: (lambda model: model.backbone.body) for name in models}, "mask_rcnn")
+    share_body(models, dict.fromkeys(models, lambda model: model.backbone.body), "mask_rcnn")
     return models
 
 
