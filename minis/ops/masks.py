@@ -180,3 +180,15 @@ def detection_masks(count: int, image_size: tuple[int, int], render: Callable[[s
     for part in chunk_slices(count, *image_size):
         rles += encode_rle(render(part)[:, 0] > threshold)
     return rles
+
+
+def mask_iou(masks1: torch.Tensor, masks2: torch.Tensor) -> torch.Tensor:
+    """IoU of every pair of masks: ``[N,H,W]`` x ``[M,H,W]`` (binary or soft, 0..1) -> ``[N,M]``.
+
+    The intersections of all pairs are one matrix product of the flattened masks (the way SOLOv2's
+    Matrix NMS computes them), in float32 whatever the masks' type. Two empty masks have IoU 0.
+    """
+    flat1, flat2 = masks1.flatten(1).float(), masks2.flatten(1).float()
+    intersection = flat1 @ flat2.T  # [N, M]
+    union = flat1.sum(1)[:, None] + flat2.sum(1)[None, :] - intersection
+    return intersection / union.clamp(min=1e-6)
