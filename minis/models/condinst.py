@@ -60,7 +60,7 @@ from minis.models.config import config_from_kwargs
 from minis.models.fcos import SHAPES_RECIPE as FCOS_SHAPES_RECIPE
 from minis.models.fcos import (FCOS, FCOSConfig, HeadOutputs, Locations, build_fcos_backbone,
                                first_object_index, make_locations)
-from minis.nn.detection import ImageBatch, postprocess_image_masks
+from minis.nn.detection import ImageBatch, mask_targets, pad_to, postprocess_image_masks
 from minis.nn.fpn import BackboneFPN
 from minis.nn.losses import dice_loss, sigmoid_focal_loss
 
@@ -291,22 +291,6 @@ class CondInst(FCOS):
                     original_sizes: list[tuple[int, int]]) -> list[dict]:
         """Boxes and whole-image masks back to the original image's pixels."""
         return postprocess_image_masks(detections, image_sizes, original_sizes)
-
-
-def mask_targets(masks: torch.Tensor, stride: int, sampled: bool = False) -> torch.Tensor:
-    """Ground-truth masks ``[M,H,W]`` (0/1) at the predicted masks' stride: ``[M,1,H/stride,W/stride]``.
-
-    By default the fraction of each ``stride x stride`` cell the object covers; with ``sampled``,
-    the one pixel at offset ``stride // 2`` in each cell (AdelaiDet's targets, 0 or 1).
-    """
-    if sampled:
-        return masks[:, None, stride // 2::stride, stride // 2::stride].float()
-    return F.avg_pool2d(masks[:, None].float(), stride)
-
-
-def pad_to(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``[M,h,w]`` masks in the top-left corner of a ``[M,*size]`` zero canvas (like the padded images)."""
-    return F.pad(masks, (0, size[1] - masks.shape[-1], 0, size[0] - masks.shape[-2]))
 
 
 # The book's settings on the 128-pixel shapes benchmark for a 2-core CPU (see fcos.SHAPES_SETTINGS),

@@ -306,3 +306,19 @@ def postprocess_image_masks(detections: list[dict], image_sizes: list[tuple[int,
         masks = detection["masks"]
         detection["masks"] = detection_masks(len(masks), original, lambda part: resize_masks(masks[part], original))
     return detections
+
+
+def mask_targets(masks: torch.Tensor, stride: int, sampled: bool = False) -> torch.Tensor:
+    """Ground-truth masks ``[M,H,W]`` (0/1) at the predicted masks' stride: ``[M,1,H/stride,W/stride]``.
+
+    By default the fraction of each ``stride x stride`` cell the object covers; with ``sampled``,
+    the one pixel at offset ``stride // 2`` in each cell (AdelaiDet's targets, 0 or 1).
+    """
+    if sampled:
+        return masks[:, None, stride // 2::stride, stride // 2::stride].float()
+    return F.avg_pool2d(masks[:, None].float(), stride)
+
+
+def pad_to(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[M,h,w]`` masks in the top-left corner of a ``[M,*size]`` zero canvas (like the padded images)."""
+    return F.pad(masks, (0, size[1] - masks.shape[-1], 0, size[0] - masks.shape[-2]))

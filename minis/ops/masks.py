@@ -192,3 +192,21 @@ def mask_iou(masks1: torch.Tensor, masks2: torch.Tensor) -> torch.Tensor:
     intersection = flat1 @ flat2.T  # [N, M]
     union = flat1.sum(1)[:, None] + flat2.sum(1)[None, :] - intersection
     return intersection / union.clamp(min=1e-6)
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """The box around each binary mask: ``[N,H,W]`` -> ``[N,4]`` float (x1, y1, x2, y2) in pixel edges.
+
+    A mask covering columns ``3..7`` gets ``x1 = 3``, ``x2 = 8``: the box of its pixels' squares,
+    as COCO measures boxes (``torchvision.ops.masks_to_boxes`` returns the last pixel's index,
+    ``7``, one less; it also loops over the masks, where the first and last occupied row and column
+    of every mask here come from one ``any`` and ``argmax`` each). An empty mask gets ``[0, 0, 0, 0]``.
+    """
+    count, height, width = masks.shape
+    rows, columns = masks.any(dim=2), masks.any(dim=1)  # [N,H], [N,W]: which rows / columns hold a pixel
+    y1 = rows.int().argmax(dim=1)  # first True (argmax returns the first maximum)
+    y2 = height - rows.flip(1).int().argmax(dim=1)
+    x1 = columns.int().argmax(dim=1)
+    x2 = width - columns.flip(1).int().argmax(dim=1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    return torch.where(rows.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))

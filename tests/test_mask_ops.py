@@ -1,4 +1,4 @@
-"""minis.ops.matrix_nms and mask_iou against loops written from SOLOv2's formula."""
+"""minis.ops.matrix_nms, mask_iou and mask_boxes against loops written from their formulas and torchvision."""
 
 import math
 
@@ -97,3 +97,15 @@ def test_matrix_nms_input_order_and_empty():
     assert matrix_nms(torch.zeros(0, 5, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0)).shape == (0,)
     with pytest.raises(ValueError, match="kernel"):
         matrix_nms(masks, labels, scores, kernel="box")
+
+
+def test_mask_boxes_match_torchvision():
+    from torchvision.ops import masks_to_boxes
+
+    from minis.ops import mask_boxes
+
+    masks, _, _ = random_masks(9, seed=4)
+    masks = masks.bool()
+    expected = masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])  # torchvision: last pixel's index
+    torch.testing.assert_close(mask_boxes(masks), expected)
+    assert mask_boxes(torch.zeros(2, 5, 6, dtype=torch.bool)).eq(0).all()
