@@ -114,3 +114,5 @@ from minis.models import fcos  # noqa: E402,F401
 from minis.models import condinst  # noqa: E402,F401
 from minis.models import retinanet  # noqa: E402,F401
 from minis.models import yolact  # noqa: E402,F401
+from minis.models import solo  # noqa: E402,F401
+from minis.models import solov2  # noqa: E402,F401

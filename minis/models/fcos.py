@@ -109,15 +109,16 @@ class FCOSConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def tower(channels: int, layers: int) -> nn.Sequential:
-    """``layers`` x (3x3 convolution, group norm with 32 groups, ReLU); shapes unchanged.
+def tower(channels: int, layers: int, in_channels: int | None = None) -> nn.Sequential:
+    """``layers`` x (3x3 convolution, group norm with 32 groups, ReLU): ``[B,in_channels,H,W] -> [B,channels,H,W]``
+    (``in_channels`` defaults to ``channels``).
 
     Group norm, not batch norm: detection batches hold two images per GPU, too few for batch
     statistics, and the same weights run on five levels whose statistics differ.
     """
     modules: list[nn.Module] = []
-    for _ in range(layers):
-        conv = nn.Conv2d(channels, channels, 3, padding=1)
+    for layer in range(layers):
+        conv = nn.Conv2d(in_channels if layer == 0 and in_channels is not None else channels, channels, 3, padding=1)
         nn.init.normal_(conv.weight, std=0.01)
         nn.init.zeros_(conv.bias)
         # ReLU in place: no new buffer per layer (group norm's backward needs its input, not its output)
