@@ -109,3 +109,15 @@ def test_mask_boxes_match_torchvision():
     expected = masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])  # torchvision: last pixel's index
     torch.testing.assert_close(mask_boxes(masks), expected)
     assert mask_boxes(torch.zeros(2, 5, 6, dtype=torch.bool)).eq(0).all()
+
+
+def test_batched_mask_nms_matches_a_greedy_loop():
+    from minis.ops import batched_mask_nms
+
+    masks, labels, scores = random_masks(40, seed=5)
+    kept = []
+    for i in sorted(range(40), key=lambda k: -float(scores[k])):
+        if all(labels[i] != labels[j] or iou_loop(masks[i], masks[j]) <= 0.3 for j in kept):
+            kept.append(i)
+    assert batched_mask_nms(masks, scores, labels, 0.3).tolist() == kept
+    assert batched_mask_nms(masks[:0], scores[:0], labels[:0], 0.3).shape == (0,)

@@ -182,15 +182,22 @@ def detection_masks(count: int, image_size: tuple[int, int], render: Callable[[s
     return rles
 
 
-def mask_iou(masks1: torch.Tensor, masks2: torch.Tensor) -> torch.Tensor:
-    """IoU of every pair of masks: ``[N,H,W]`` x ``[M,H,W]`` (binary or soft, 0..1) -> ``[N,M]``.
+def mask_overlaps(masks1: torch.Tensor, masks2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union of every pair of masks: ``[N,H,W]`` x ``[M,H,W]`` (binary or soft, 0..1)
+    -> two ``[N,M]`` float32 tensors.
 
     The intersections of all pairs are one matrix product of the flattened masks (the way SOLOv2's
-    Matrix NMS computes them), in float32 whatever the masks' type. Two empty masks have IoU 0.
+    Matrix NMS computes them). For binary masks both are whole pixel counts, exact below 2^24 pixels.
     """
     flat1, flat2 = masks1.flatten(1).float(), masks2.flatten(1).float()
     intersection = flat1 @ flat2.T  # [N, M]
-    union = flat1.sum(1)[:, None] + flat2.sum(1)[None, :] - intersection
+    return intersection, flat1.sum(1)[:, None] + flat2.sum(1)[None, :] - intersection
+
+
+def mask_iou(masks1: torch.Tensor, masks2: torch.Tensor) -> torch.Tensor:
+    """IoU of every pair of masks: ``[N,H,W]`` x ``[M,H,W]`` -> ``[N,M]`` (:func:`mask_overlaps`); two empty
+    masks have IoU 0."""
+    intersection, union = mask_overlaps(masks1, masks2)
     return intersection / union.clamp(min=1e-6)
 
 
