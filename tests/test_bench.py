@@ -605,3 +605,24 @@ def test_gpu_command_reports_mistakes_in_one_line(argv, message, capsys):
     assert main(["bench", "gpu", "--no-torchvision", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("minis: error: ") and message in err
+
+
+def test_solo_bench_times_matrix_nms_against_greedy_mask_nms(capsys, tmp_path, one_thread):
+    out = tmp_path / "solo.json"
+    assert main(["bench", "solo", "--masks", "20", "60", "--runs", "1", "--json", str(out)]) == 0
+    assert ["method", "masks", "ms", "kept", "vs_greedy"] in [line.split() for line in capsys.readouterr().out.splitlines()]
+    rows = json.loads(out.read_text())["matrix_nms"]
+    assert [(row["method"].split()[0], row["masks"]) for row in rows] == [("Matrix", 20), ("greedy", 20),
+                                                                          ("Matrix", 60), ("greedy", 60)]
+    assert all(0 < row["kept"] <= row["masks"] for row in rows) and rows[1]["vs_greedy"] == 1.0
+
+
+def test_clustered_masks_overlap_within_a_class():
+    from minis.bench.solo import clustered_masks
+    from minis.ops import mask_iou
+
+    masks, labels, scores = clustered_masks(60, 4, 80, torch.Generator().manual_seed(0))
+    assert masks.shape == (60, 80, 80) and masks.dtype == torch.bool and labels.max() < 4 and scores.shape == (60,)
+    iou = mask_iou(masks, masks)
+    same = labels[:, None] == labels[None, :]
+    assert (iou[same] > 0.5).sum() > 60 + 20  # beyond the diagonal: copies of one object overlap

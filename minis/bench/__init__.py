@@ -15,6 +15,7 @@ suite (module)          what it measures
 ``fcis``                FCIS against Mask R-CNN on the same body, and as the detections grow
 ``yolact``              YOLACT against Mask R-CNN on the same body, and as the detections
                         grow; Fast NMS against greedy NMS (minis and torchvision)
+``solo``                Matrix NMS against greedy mask NMS as the candidates grow
 ``gpu``                 every model trained a few mixed-precision steps and run on CUDA, its
                         outputs checked; Mask R-CNN and FCOS against torchvision there
 ``stability``           each chapter's headline model re-trained by the chapter's recipe over
@@ -45,6 +46,7 @@ from minis.bench.gpu import GPU_COLUMNS, bench_gpu
 from minis.bench.mask_scoring import MASK_SCORING_COLUMNS, bench_mask_scoring, mask_scoring_means
 from minis.bench.rcnn import (FCOS_LOSS_NAMES, OP_COLUMNS, OP_SIZES, RCNN_COLUMNS, RCNN_MODELS, bench_ops, bench_rcnn,
                               torchvision_rcnn)
+from minis.bench.solo import MATRIX_NMS_COLUMNS, bench_matrix_nms
 from minis.bench.stability import HEADLINES, RUN_COLUMNS, SUMMARY_COLUMNS, bench_stability, stability_summary
 from minis.bench.semantic import (PORT_COLUMNS, PORTED_MODELS, SEMANTIC_COLUMNS, SEMANTIC_MODELS, bench_ports,
                                   bench_semantic, resolve_models)
@@ -54,7 +56,7 @@ from minis.bench.yolact import (FAST_NMS_COLUMNS, YOLACT_COLUMNS, YOLACT_INSTANC
 from minis.data.shapes import SEMANTIC_SHAPES
 
 # The suite modules, in the order ``python -m minis bench --help`` lists their commands.
-SUITES = ("semantic", "rcnn", "twin_training", "mask_scoring", "condinst", "fcis", "yolact", "gpu", "stability")
+SUITES = ("semantic", "rcnn", "twin_training", "mask_scoring", "condinst", "fcis", "yolact", "solo", "gpu", "stability")
 
 
 def add_parsers(bench: argparse.ArgumentParser) -> None:
@@ -76,7 +78,7 @@ __all__ = [
     "RCNN_TRAINING_COLUMNS", "bench_twin_training", "bench_rcnn_training",
     "MASK_SCORING_COLUMNS", "bench_mask_scoring", "mask_scoring_means",
     "CONDINST_COLUMNS", "INSTANCE_COLUMNS", "bench_condinst", "FCIS_COLUMNS", "FCIS_INSTANCE_COLUMNS", "bench_fcis",
-    "YOLACT_COLUMNS", "YOLACT_INSTANCE_COLUMNS", "FAST_NMS_COLUMNS", "bench_yolact", "bench_fast_nms",
+    "YOLACT_COLUMNS", "YOLACT_INSTANCE_COLUMNS", "FAST_NMS_COLUMNS", "bench_yolact", "bench_fast_nms", "MATRIX_NMS_COLUMNS", "bench_matrix_nms",
     "GPU_COLUMNS", "bench_gpu",
     "HEADLINES", "RUN_COLUMNS", "SUMMARY_COLUMNS", "bench_stability", "stability_summary",
 ]
