@@ -250,6 +250,25 @@ def test_semantic_dataset_applies_joint_transforms(small):
     torch.testing.assert_close(target_f["semantic"], target["semantic"].flip(-1))
 
 
+def test_semantic_dataset_cache_gives_the_same_items_without_reading_again(small, tmp_path):
+    import shutil
+
+    from torchvision.transforms import v2
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    shutil.copytree(small["val"]["images"], images)
+    shutil.copytree(small["val"]["labels"], labels)
+    plain = SemanticSegmentation(images, labels, small["class_names"])
+    expected = [(plain[i][0].flip(-1), plain[i][1]["semantic"].flip(-1)) for i in range(len(plain))]
+    cached = SemanticSegmentation(images, labels, small["class_names"], v2.RandomHorizontalFlip(p=1.0), cache=True)
+    assert all(torch.equal(cached[i][0], expected[i][0]) for i in range(len(cached)))  # first read: from the files
+    shutil.rmtree(images)
+    shutil.rmtree(labels)  # from now on: from memory
+    for index, (image, semantic) in enumerate(expected):
+        cached_image, cached_target = cached[index]
+        assert torch.equal(cached_image, image) and torch.equal(cached_target["semantic"], semantic)
+
+
 def test_semantic_dataset_errors_name_the_files(tmp_path):
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()

@@ -124,7 +124,9 @@ def build_dataset(
             from minis.data.semantic import SemanticSegmentation
 
             label_dir = paths[split]["labels"]
-            dataset = SemanticSegmentation(image_dir, label_dir, paths["class_names"], transforms=transforms)
+            # the whole benchmark fits in memory: decode each image once, not once per epoch
+            dataset = SemanticSegmentation(image_dir, label_dir, paths["class_names"], transforms=transforms,
+                                           cache=True)
     else:
         image_dir, ann_file = _coco_paths(root, split)
         dataset_class = CocoInstances if task == "instance" else CocoSemantic
