@@ -307,6 +307,31 @@ def test_coco_instances_reads_the_benchmark(small):
         assert target["labels"].tolist() == [a["category_id"] for a in anns]
 
 
+def test_coco_instances_cache_gives_the_same_items_without_reading_again(small, tmp_path):
+    import shutil
+
+    from minis.data.coco import CocoInstances
+
+    images = tmp_path / "images"
+    shutil.copytree(small["train"]["images"], images)
+    plain = CocoInstances(images, small["train"]["annotations"])
+    expected = [plain[i] for i in range(len(plain))]
+    cached = CocoInstances(images, small["train"]["annotations"], cache=True)
+    [cached[i] for i in range(len(cached))]
+    shutil.rmtree(images)  # from now on: from memory
+    for index, (image, target) in enumerate(expected):
+        cached_image, cached_target = cached[index]
+        assert torch.equal(cached_image, image) and type(cached_image) is type(image)
+        assert cached_target.keys() == target.keys()
+        for key, value in target.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(cached_target[key], value) and type(cached_target[key]) is type(value), key
+            else:
+                assert cached_target[key] == value
+        cached_target["boxes"].add_(1)  # a caller that changes a target in place does not change the cache
+        assert torch.equal(cached[index][1]["boxes"], target["boxes"])
+
+
 # ---------------------------------------------------------------- command line and default size
 
 

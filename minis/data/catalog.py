@@ -119,7 +119,8 @@ def build_dataset(
         paths = _shapes(root, progress)
         image_dir, ann_file = paths[split]["images"], paths[split]["annotations"]
         if task == "instance":
-            dataset = CocoInstances(image_dir, ann_file, transforms=transforms)
+            # the whole benchmark fits in memory: decode each image and its masks once, not once per epoch
+            dataset = CocoInstances(image_dir, ann_file, transforms=transforms, cache=True)
         else:
             from minis.data.semantic import SemanticSegmentation
 

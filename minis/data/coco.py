@@ -233,6 +233,10 @@ class CocoInstances(Dataset):
       the json describes; when the stored EXIF tag rotates the picture away from that frame,
       guessing which frame the annotator saw could silently misplace every mask, so we stop and
       say so instead (COCO's own images carry no rotating EXIF tag).
+
+    ``cache=True`` decodes each item once and keeps its pixels (uint8) and target in memory, so
+    that later epochs skip the image and mask decoding; the items are the same. For a dataset that
+    fits in memory (the shapes benchmark); off by default.
     """
 
     def __init__(
@@ -240,10 +244,12 @@ class CocoInstances(Dataset):
         image_dir: str | os.PathLike,
         ann_file: str | os.PathLike,
         transforms: Callable | None = None,
+        cache: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
+        self.cache: dict[int, tuple[torch.Tensor, dict[str, Any]]] | None = {} if cache else None
 
         data = load_coco_json(self.ann_file)
         _check_images(data, self.ann_file)
@@ -306,6 +312,10 @@ class CocoInstances(Dataset):
 
     def load_image(self, index: int) -> tv_tensors.Image:
         """Item ``index``'s image as float32 ``[3, H, W]`` in 0..1, checked against the json size."""
+        return tv_tensors.Image(self.load_pixels(index).to(torch.float32).div_(255.0))
+
+    def load_pixels(self, index: int) -> torch.Tensor:
+        """Item ``index``'s image as uint8 ``[3, H, W]``, checked against the json size."""
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_path(index)
@@ -319,7 +329,7 @@ class CocoInstances(Dataset):
                 f"{path}: image id {image_id} is {image.width}x{image.height} (width x height, after "
                 f"EXIF orientation) but {self.ann_file} says {info['width']}x{info['height']}"
             )
-        return pil_to_image_tensor(image)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
     def load_target(self, index: int) -> dict[str, Any]:
         """Item ``index``'s target dict (see the class docstring), before transforms."""
@@ -351,7 +361,15 @@ class CocoInstances(Dataset):
         return segmentation_to_rle(ann["segmentation"], info["height"], info["width"])
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
-        image, target = self.load_image(index), self.load_target(index)
+        if self.cache is None:
+            image, target = self.load_image(index), self.load_target(index)
+        else:
+            if index not in self.cache:
+                self.cache[index] = (self.load_pixels(index), self.load_target(index))
+            pixels, cached = self.cache[index]
+            image = tv_tensors.Image(pixels.to(torch.float32).div_(255.0))
+            # copies: a transform or a model that changed a target in place would change the cache
+            target = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in cached.items()}
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
