@@ -61,19 +61,20 @@ def test_assign_cells_matches_the_rule(grid: int, radius: float) -> None:
     size = (96, 128)
     targets = random_targets([size], 4, seed=grid)[0]
     boxes, masks = targets["boxes"], targets["masks"]
-    owner = assign_cells(boxes, masks, size, grid, (0, 1e5), radius)
+    owner, = assign_cells(boxes, masks, size, (grid,), ((0, 1e5),), radius)
     assert torch.equal(owner, assign_cells_loop(boxes, masks, size, grid, (0, 1e5), radius))
     # the scale range selects objects by sqrt(w h) of the box
     scales = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1).sqrt()
     middle = float(scales.median())
-    small_only = assign_cells(boxes, masks, size, grid, (0, middle), radius)
+    everything, small_only = assign_cells(boxes, masks, size, (grid, grid), ((0, 1e5), (0, middle)), radius)
+    assert torch.equal(everything, owner)
     assert set(small_only[small_only >= 0].tolist()) <= set((scales <= middle).nonzero()[:, 0].tolist())
 
 
 def test_a_cell_is_never_farther_than_one_from_the_centre_cell() -> None:
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 2:62, 2:62] = 1  # a large object: 0.2 of its half-size spans several cells of a fine grid
-    owner = assign_cells(torch.tensor([[2.0, 2.0, 62.0, 62.0]]), masks, (64, 64), 40, (0, 1e5), 0.2)
+    owner, = assign_cells(torch.tensor([[2.0, 2.0, 62.0, 62.0]]), masks, (64, 64), (40,), ((0, 1e5),), 0.2)
     rows, columns = (owner == 0).nonzero(as_tuple=True)
     assert rows.tolist() == [19, 19, 19, 20, 20, 20, 21, 21, 21] and columns.tolist() == [19, 20, 21] * 3
 

@@ -44,6 +44,7 @@ from minis.models.fcos import tower
 from minis.models.solo import (SOLO, SOLOConfig, build_solo_backbone, prediction_layer, resize_to_grid,
                                with_coordinates)
 from minis.models.solo import SHAPES_RECIPE as SOLO_SHAPES_RECIPE
+from minis.models.solo import SHAPES_SETTINGS as SOLO_SHAPES_SETTINGS
 from minis.nn.fpn import BackboneFPN
 
 
@@ -127,9 +128,7 @@ class SOLOv2(SOLO):
 
 
 # The shapes settings of SOLO (minis.models.solo.SHAPES_SETTINGS) with narrower SOLOv2 heads.
-SHAPES_SETTINGS: dict = {"backbone": "small", "fpn_channels": 64, "min_size": 128, "max_size": 256, "head_convs": 2,
-                         "head_channels": 64, "grids": (24, 20, 16, 12, 8), "kernel_channels": 64,
-                         "feature_channels": 64}
+SHAPES_SETTINGS: dict = {**SOLO_SHAPES_SETTINGS, "kernel_channels": 64, "feature_channels": 64}
 SHAPES_RECIPE: dict = SOLO_SHAPES_RECIPE
 
 
