@@ -400,7 +400,7 @@ def test_instance_cost_models_share_one_body():
 # The package: one module per suite, recipes beside the models
 # --------------------------------------------------------------------------------------------
 
-SUITE_COMMANDS = ["semantic", "rcnn", "rcnn-training", "fcos-training", "ms-rcnn", "condinst", "fcis", "yolact", "gpu",
+SUITE_COMMANDS = ["semantic", "rcnn", "rcnn-training", "fcos-training", "ms-rcnn", "condinst", "fcis", "yolact", "solo", "gpu",
                   "stability"]
 
 
