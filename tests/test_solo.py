@@ -164,6 +164,21 @@ def test_solo_family_keeps_the_instance_contract(name: str, settings: dict) -> N
         torch.testing.assert_close(detection["boxes"][found], mask_boxes(masks[found] > 0.2), atol=2.5, rtol=0)
 
 
+def test_greedy_suppression_keeps_no_two_overlapping_masks_of_a_class() -> None:
+    torch.manual_seed(0)
+    model = minis.models.build("solov2", num_classes=4, **SMALL_V2, score_thresh=0.0, mask_thresh=0.2,
+                               suppression="greedy", nms_thresh=0.5).eval()
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        detection = model([image])[0]
+    binary = (detection["masks"][:, 0] > 0.2).float()
+    assert len(binary) > 1
+    iou = mask_iou(binary, binary)
+    same = detection["labels"][:, None] == detection["labels"][None, :]
+    off_diagonal = ~torch.eye(len(binary), dtype=torch.bool)
+    assert (iou[same & off_diagonal] <= 0.5 + 0.05).all()  # masks resized after NMS: a little slack
+
+
 @pytest.mark.parametrize("name,settings", MODELS)
 def test_crowd_only_and_empty_images_give_no_positives(name: str, settings: dict) -> None:
     torch.manual_seed(0)
@@ -198,6 +213,8 @@ def test_bad_settings_are_refused() -> None:
         minis.models.build("solo", num_classes=3, **{**SMALL, "grids": (12, 10)})
     with pytest.raises(ValueError, match="nms_kernel"):
         minis.models.build("solov2", num_classes=3, **SMALL_V2, nms_kernel="box")
+    with pytest.raises(ValueError, match="suppression"):
+        minis.models.build("solo", num_classes=3, **SMALL, suppression="soft")
     with pytest.raises(TypeError, match="SOLOv2"):
         minis.models.build("solov2", num_classes=3, **SMALL_V2, kernels=16)
     assert isinstance(minis.models.build("solov2", num_classes=3, **SMALL_V2), SOLOv2)

@@ -24,7 +24,8 @@ are, as semantic segmentation tells pixels apart by *what* they are: "instance c
 * **Inference**: category scores above 0.1 that are local maxima of their map ("points NMS",
   a 2x2 max-pool as in the released code); the candidates' masks, thresholded at 0.5; each score
   multiplied by its mask's *maskness* (the mean probability inside the binary mask); the best 500
-  through :func:`minis.ops.matrix_nms`; scores above 0.05, the best 100 kept. Boxes are the binary
+  through :func:`minis.ops.matrix_nms`; scores above 0.05, the best 100 kept (``suppression="greedy"``:
+  greedy NMS on the masks instead, as the first version of the paper). Boxes are the binary
   masks' boxes (:func:`minis.ops.mask_boxes`): SOLO predicts none.
 
 :class:`DecoupledSOLO` replaces the ``S^2`` mask channels, which cost memory quadratic in ``S``
@@ -67,7 +68,7 @@ from minis.nn.detection import (DetectionTransform, ImageBatch, mask_targets, pa
                                 training_targets)
 from minis.nn.fpn import BackboneFPN, backbone_fpn
 from minis.nn.losses import dice_loss, sigmoid_focal_loss
-from minis.ops import mask_boxes, matrix_nms
+from minis.ops import batched_mask_nms, mask_boxes, matrix_nms
 
 
 @dataclass
@@ -94,9 +95,11 @@ class SOLOConfig:
     score_thresh: float = 0.1
     mask_thresh: float = 0.5
     pre_nms: int = 500
-    nms_kernel: str = "gaussian"
+    suppression: str = "matrix"  # or "greedy": greedy NMS on the masks (SOLO's first version), for comparison
+    nms_kernel: str = "gaussian"  # Matrix NMS's decay function
     nms_sigma: float = 2.0
     update_thresh: float = 0.05  # decayed scores below this are dropped
+    nms_thresh: float = 0.5  # greedy NMS: mask IoU above which the lower-scored mask goes
     detections_per_img: int = 100
 
 
@@ -241,6 +244,8 @@ class SOLO(nn.Module):
         if len(config.grids) != 5 or len(config.scale_ranges) != 5:
             raise ValueError(f"SOLO has five levels: got {len(config.grids)} grids and "
                              f"{len(config.scale_ranges)} scale ranges")
+        if config.suppression not in ("matrix", "greedy"):
+            raise ValueError(f"suppression must be 'matrix' or 'greedy', got {config.suppression!r}")
         if config.nms_kernel not in ("gaussian", "linear"):
             raise ValueError(f"nms_kernel must be 'gaussian' or 'linear', got {config.nms_kernel!r}")
         self.num_classes = num_classes
@@ -372,9 +377,12 @@ class SOLO(nn.Module):
         scores, labels, mask_of = (scores * maskness[mask_of])[keep], labels[keep], mask_of[keep]
         order = scores.argsort(descending=True)[: cfg.pre_nms]
         scores, labels, masks, binary = scores[order], labels[order], masks[mask_of[order]], binary[mask_of[order]]
-        scores = matrix_nms(binary, labels, scores, cfg.nms_kernel, cfg.nms_sigma)
-        order = scores.argsort(descending=True)
-        order = order[scores[order] >= cfg.update_thresh][: cfg.detections_per_img]
+        if cfg.suppression == "matrix":
+            scores = matrix_nms(binary, labels, scores, cfg.nms_kernel, cfg.nms_sigma)
+            order = scores.argsort(descending=True)
+            order = order[scores[order] >= cfg.update_thresh][: cfg.detections_per_img]
+        else:
+            order = batched_mask_nms(binary, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
         full = F.interpolate(masks[order][:, None], size=tuple(padded), mode="bilinear",
                              align_corners=False)[..., :height, :width]  # [D,1,h,w]
         return {"boxes": mask_boxes(full[:, 0] > cfg.mask_thresh), "labels": labels[order], "scores": scores[order],
