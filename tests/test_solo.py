@@ -208,6 +208,21 @@ def test_solo_family_learns_two_images(name: str, settings: dict) -> None:
         assert (best.max(dim=1).values > 0.7).all()
 
 
+@pytest.mark.parametrize("name,settings", MODELS)
+def test_coordinates_false_drops_exactly_the_coordinate_inputs(name: str, settings: dict) -> None:
+    """The CoordConv ablation: with coordinates=False no input channel says where a pixel is."""
+    torch.manual_seed(0)
+    with_coords = minis.models.build(name, num_classes=3, **settings)
+    torch.manual_seed(0)
+    without = minis.models.build(name, num_classes=3, **settings, coordinates=False)
+    extra = sum(p.numel() for p in with_coords.parameters()) - sum(p.numel() for p in without.parameters())
+    per_conv = settings.get("head_channels") * 9  # one 3x3 filter row per coordinate channel
+    # SOLO: x and y into the mask tower; Decoupled SOLO: x into one tower, y into the other; SOLOv2: x and y
+    # into the kernel tower and into the feature branch's P5 convolution
+    expected = 2 * per_conv + (2 * settings["feature_channels"] * 9 if name == "solov2" else 0)
+    assert extra == expected
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="five levels"):
         minis.models.build("solo", num_classes=3, **{**SMALL, "grids": (12, 10)})

@@ -81,6 +81,7 @@ class SOLOConfig:
     image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     # heads
     head_channels: int = 256
+    coordinates: bool = True  # CoordConv: the mask branch sees each pixel's normalised x and y (False: the ablation)
     head_convs: int = 7  # 3x3 conv + group norm + ReLU layers in each branch (SOLOv2: 4)
     prior_probability: float = 0.01
     # levels: P2 (resized to P3's size), P3, P4, P5, P6 (resized to P5's)
@@ -117,9 +118,12 @@ def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([grid_x, grid_y]).expand(batch, 2, height, width)
 
 
-def with_coordinates(x: torch.Tensor) -> torch.Tensor:
-    """``[B,C,H,W] -> [B,C+2,H,W]``: the features and their coordinates."""
-    return torch.cat([x, coordinate_channels(x)], dim=1)
+def with_coordinates(x: torch.Tensor, axes: Sequence[int] = (0, 1)) -> torch.Tensor:
+    """``[B,C,H,W] -> [B,C+len(axes),H,W]``: the features and their coordinates along ``axes`` (0: x, 1: y;
+    none: the features alone, the ablation without CoordConv)."""
+    if not axes:
+        return x
+    return torch.cat([x, coordinate_channels(x)[:, list(axes)]], dim=1)
 
 
 def solo_levels(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -260,7 +264,7 @@ class SOLO(nn.Module):
 
     def build_mask_branch(self, channels: int) -> None:
         cfg = self.config
-        self.mask_tower = tower(cfg.head_channels, cfg.head_convs, in_channels=channels + 2)
+        self.mask_tower = tower(cfg.head_channels, cfg.head_convs, in_channels=channels + 2 * cfg.coordinates)
         # one 1x1 convolution per level: S^2 output channels, one per cell
         self.mask_logits = nn.ModuleList(prediction_layer(cfg.head_channels, s * s, kernel_size=1) for s in cfg.grids)
 
@@ -270,7 +274,8 @@ class SOLO(nn.Module):
 
     def mask_outputs(self, features: list[torch.Tensor], levels: list[torch.Tensor]) -> Any:
         """Per level ``[B,S^2,H_l,W_l]`` mask logits (``H_l = H / mask stride``): every cell's mask."""
-        return [upsample2(conv(self.mask_tower(with_coordinates(level))))
+        axes = (0, 1) if self.config.coordinates else ()
+        return [upsample2(conv(self.mask_tower(with_coordinates(level, axes))))
                 for level, conv in zip(levels, self.mask_logits)]
 
     def instance_masks(self, outputs: Any, level: int, image_index: torch.Tensor, cell_index: torch.Tensor
@@ -424,8 +429,8 @@ class DecoupledSOLO(SOLO):
 
     def build_mask_branch(self, channels: int) -> None:
         cfg = self.config
-        self.mask_tower_x = tower(cfg.head_channels, cfg.head_convs, in_channels=channels + 1)
-        self.mask_tower_y = tower(cfg.head_channels, cfg.head_convs, in_channels=channels + 1)
+        self.mask_tower_x = tower(cfg.head_channels, cfg.head_convs, in_channels=channels + cfg.coordinates)
+        self.mask_tower_y = tower(cfg.head_channels, cfg.head_convs, in_channels=channels + cfg.coordinates)
         self.mask_logits_x = nn.ModuleList(prediction_layer(cfg.head_channels, s, kernel_size=1) for s in cfg.grids)
         self.mask_logits_y = nn.ModuleList(prediction_layer(cfg.head_channels, s, kernel_size=1) for s in cfg.grids)
 
@@ -433,9 +438,9 @@ class DecoupledSOLO(SOLO):
         """Per level ``(X [B,S,H_l,W_l], Y [B,S,H_l,W_l])`` logits."""
         outputs = []
         for level, conv_x, conv_y in zip(levels, self.mask_logits_x, self.mask_logits_y):
-            coordinates = coordinate_channels(level)
-            x = upsample2(conv_x(self.mask_tower_x(torch.cat([level, coordinates[:, :1]], dim=1))))
-            y = upsample2(conv_y(self.mask_tower_y(torch.cat([level, coordinates[:, 1:]], dim=1))))
+            on = self.config.coordinates
+            x = upsample2(conv_x(self.mask_tower_x(with_coordinates(level, (0,) if on else ()))))
+            y = upsample2(conv_y(self.mask_tower_y(with_coordinates(level, (1,) if on else ()))))
             outputs.append((x, y))
         return outputs
 

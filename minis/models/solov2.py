@@ -69,11 +69,12 @@ class MaskFeatureBranch(nn.Module):
     2x upsampling, so all four arrive at stride 4; they are summed and mapped to ``E`` channels.
     """
 
-    def __init__(self, in_channels: int, channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, channels: int, out_channels: int, coordinates: bool = True) -> None:
         super().__init__()
+        self.axes = (0, 1) if coordinates else ()
         self.levels = nn.ModuleList()
         for level in range(4):
-            extra = 2 if level == 3 else 0  # P5 carries the coordinates
+            extra = len(self.axes) if level == 3 else 0  # P5 carries the coordinates
             layers: list[nn.Module] = [tower(channels, 1, in_channels=in_channels + extra)]
             if level > 0:
                 layers.append(upsampling())
@@ -85,7 +86,7 @@ class MaskFeatureBranch(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         p2, p3, p4, p5 = features[:4]
-        total = self.levels[0](p2) + self.levels[1](p3) + self.levels[2](p4) + self.levels[3](with_coordinates(p5))
+        total = self.levels[0](p2) + self.levels[1](p3) + self.levels[2](p4) + self.levels[3](with_coordinates(p5, self.axes))
         return self.out(total)
 
 
@@ -97,16 +98,17 @@ class SOLOv2(SOLO):
 
     def build_mask_branch(self, channels: int) -> None:
         cfg = self.config
-        self.kernel_tower = tower(cfg.head_channels, cfg.head_convs, in_channels=channels + 2)
+        self.kernel_tower = tower(cfg.head_channels, cfg.head_convs, in_channels=channels + 2 * cfg.coordinates)
         self.kernels = prediction_layer(cfg.head_channels, cfg.kernel_channels)
-        self.mask_feature = MaskFeatureBranch(channels, cfg.feature_channels, cfg.kernel_channels)
+        self.mask_feature = MaskFeatureBranch(channels, cfg.feature_channels, cfg.kernel_channels, cfg.coordinates)
 
     def mask_strides(self) -> tuple[int, ...]:
         return (4,) * len(self.strides)  # every level's masks come from the one stride-4 feature
 
     def mask_outputs(self, features: list[torch.Tensor], levels: list[torch.Tensor]) -> Any:
         """``(F [B,E,H/4,W/4], per level kernels [B,E,S,S])``: no mask is computed yet."""
-        kernels = [self.kernels(self.kernel_tower(resize_to_grid(with_coordinates(level), grid)))
+        axes = (0, 1) if self.config.coordinates else ()
+        kernels = [self.kernels(self.kernel_tower(resize_to_grid(with_coordinates(level, axes), grid)))
                    for level, grid in zip(levels, self.config.grids)]
         return self.mask_feature(features), kernels
 
